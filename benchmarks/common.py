@@ -1,0 +1,132 @@
+"""Shared measurement helpers for the benchmark suites.
+
+Every suite measures a case next to its baseline and its limit in the same run
+(machines are noisy; ratios measured together are what count), repeats each
+measurement, and reports the median and spread. A suite returns a list of
+``Result`` records; ``benchmarks.report`` turns them into JSON, Markdown and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import socket
+import statistics
+import time
+from typing import Any, Callable, Literal
+
+Role = Literal["case", "baseline", "limit"]
+
+
+@dataclasses.dataclass
+class Result:
+    """One measured quantity: ``values`` holds one figure per repeat (higher is better unless ``unit`` says s)."""
+
+    stage: str  # "shard" | "load" | "train"
+    case: str  # e.g. "pass-through", "dali-cpu", "tar -cf"
+    role: Role
+    metric: str  # e.g. "images_per_s", "mb_per_s"
+    unit: str  # e.g. "images/s", "MB/s"
+    values: list[float]
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)  # workers, batch size, ...
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def spread(self) -> float:
+        """Half the min–max range relative to the median (0.05 = ±5 %)."""
+        if len(self.values) < 2 or self.median == 0:
+            return 0.0
+        return (max(self.values) - min(self.values)) / 2 / self.median
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["median"] = self.median
+        d["spread"] = self.spread
+        return d
+
+
+@dataclasses.dataclass
+class Ratio:
+    """A goal stated as a ratio of two results' medians, e.g. pass-through / tar ≥ 0.9."""
+
+    name: str
+    numerator: str  # case name
+    denominator: str  # case name
+    value: float
+    goal: float | None = None  # minimum acceptable ratio, if the issue states one
+    metric: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.goal is None else self.value >= self.goal
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["met"] = self.met
+        return d
+
+
+def repeat(fn: Callable[[], float], repeats: int, warmup: int = 1) -> list[float]:
+    """Call ``fn`` ``warmup`` times (discarded), then ``repeats`` times; returns its figures."""
+    for _ in range(warmup):
+        fn()
+    return [fn() for _ in range(repeats)]
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall seconds of one call, with its return value."""
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def ratio(results: list[Result], name: str, num: str, den: str, *, metric: str, goal: float | None = None) -> Ratio:
+    """Ratio of medians of two cases of ``metric`` measured in the same run."""
+    by_case = {(r.case, r.metric): r for r in results}
+    try:
+        a, b = by_case[(num, metric)], by_case[(den, metric)]
+    except KeyError as exc:
+        raise KeyError(f"no result for {exc.args[0]} among {sorted(by_case)}") from None
+    return Ratio(name=name, numerator=num, denominator=den, value=a.median / b.median if b.median else float("nan"),
+                 goal=goal, metric=metric)
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on."""
+    info: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "processor": _cpu_model(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    try:
+        import nvidia.dali as dali
+
+        info["dali"] = dali.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

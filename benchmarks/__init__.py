@@ -1,0 +1,1 @@
+"""Throughput benchmarks for every stage (shard build, loading, training), each next to its baseline and limit."""

@@ -1,0 +1,222 @@
+"""Shards → ranks: which samples each rank reads in an epoch, and how many batches it yields.
+
+One rule for both backends, taken from DALI's reader so that the DALI graph and
+the torch fallback agree sample for sample:
+
+* An epoch reads the split's shards in one order: manifest order for val, a
+  permutation seeded by ``(seed, epoch)`` for train (so ranks see different
+  subsets each epoch, and epoch ``k`` is reproducible on its own, e.g. after a
+  restart from a checkpoint).
+* The shards in that order form one sequence of ``N`` samples; rank ``r`` of
+  ``W`` reads the contiguous slice ``[floor(r*N/W), floor((r+1)*N/W))``, which is
+  exactly what ``fn.readers.webdataset(shard_id=r, num_shards=W)`` reads.
+  Splitting by sample, not by shard, keeps ranks within one sample of each other
+  whatever the shard count and sizes.
+* Every rank yields ``ceil(ceil(N/W) / B)`` full batches (DALI's
+  ``pad_last_batch``): the same count on every rank, because a rank with one
+  batch fewer leaves the others blocked in allreduce forever. The slots after a
+  rank's real samples are padding: repeats of a real sample, with its real label
+  in train and label ``-1`` in val so that evaluation counts every sample once.
+  Padding over all ranks is ``W * batches * B - N < W * B``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+PAD_LABEL = -1  # val padding: cross-entropy ignore_index and metric masks skip it
+# Train shuffle window in samples: DALI's reader buffer (initial_fill) and the torch fallback's alike.
+SHUFFLE_BUFFER = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One tar of a split and its DALI index."""
+
+    tar: Path
+    index: Path
+    samples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPlan:
+    """The fixed arithmetic of one split on one rank (the epoch only changes the order)."""
+
+    shards: tuple[Shard, ...]  # manifest order
+    num_samples: int
+    rank: int
+    world_size: int
+    batch_size: int
+
+    @property
+    def batches(self) -> int:
+        """Batches per epoch, the same on every rank."""
+        return batches_per_rank(self.num_samples, self.world_size, self.batch_size)
+
+    @property
+    def padding(self) -> int:
+        """Padding samples per epoch over all ranks."""
+        return self.world_size * self.batches * self.batch_size - self.num_samples
+
+    @property
+    def rank_range(self) -> tuple[int, int]:
+        """[start, stop) of this rank's real samples in the epoch's sample sequence."""
+        return rank_range(self.num_samples, self.rank, self.world_size)
+
+    @property
+    def real_on_rank(self) -> int:
+        start, stop = self.rank_range
+        return stop - start
+
+
+def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """DALI's contiguous split: rank ``r`` reads ``[floor(r*N/W), floor((r+1)*N/W))``."""
+    return rank * num_samples // world_size, (rank + 1) * num_samples // world_size
+
+
+def batches_per_rank(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Full batches every rank yields per epoch: the largest rank slice, rounded up to batches."""
+    return math.ceil(math.ceil(num_samples / world_size) / batch_size)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of one epoch, a function of (seed, epoch) only; fits DALI's int32 seed argument."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def epoch_shards(plan: SplitPlan, *, shuffle: bool, seed: int, epoch: int) -> list[Shard]:
+    """Shards in the order an epoch reads them: permuted per epoch when ``shuffle``."""
+    shards = list(plan.shards)
+    if not shuffle:
+        return shards
+    order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(len(shards))
+    return [shards[i] for i in order]
+
+
+def plan_split(shard_dir: Path, manifest: dict[str, Any], split: str, *, rank: int, world_size: int,
+               batch_size: int) -> SplitPlan:
+    """Check the request against index.json and return the rank's arithmetic for ``split``."""
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise UserError(f"{shard_dir}: no split {split!r} in index.json (has: {', '.join(sorted(splits)) or 'none'})")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"rank must be in 0..world_size-1, got rank={rank}, world_size={world_size}")
+    entry = splits[split]
+    shards = tuple(Shard(tar=shard_dir / s["tar"], index=shard_dir / s["index"], samples=int(s["samples"]))
+                   for s in entry["shards"] if int(s["samples"]) > 0)
+    num_samples = sum(s.samples for s in shards)
+    if num_samples != int(entry["samples"]):
+        raise UserError(f"{shard_dir}/index.json: split {split!r} says {entry['samples']} samples "
+                        f"but its shards hold {num_samples}: rebuild the shards")
+    if num_samples < world_size:
+        raise UserError(f"split {split!r} of {shard_dir} has {num_samples} samples, fewer than "
+                        f"world_size={world_size}: every rank needs at least one")
+    for s in shards:
+        for p in (s.tar, s.index):
+            if not p.is_file():
+                raise UserError(f"{p} is listed in {shard_dir}/index.json but missing: run `pipeline verify {shard_dir}`")
+    return SplitPlan(shards=shards, num_samples=num_samples, rank=rank, world_size=world_size,
+                     batch_size=batch_size)
+
+
+# --- random access through the DALI index (used by the torch fallback) -------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    offset: int
+    size: int
+
+
+@lru_cache(maxsize=4096)
+def read_index(index_path: Path) -> tuple[tuple[str, dict[str, Member]], ...]:
+    """Samples of one ``.idx`` (``wds2idx`` v1.2 format): ``(key, {ext: Member})`` in tar order.
+
+    Each line lists ``ext offset size name`` per member; offsets point at member data,
+    so a sample is read with one seek per member and no tar parsing.
+    """
+    with open(index_path, encoding="utf-8") as f:
+        header = f.readline().split()
+        if len(header) != 2 or not header[0].startswith("v1."):
+            raise UserError(f"{index_path}: not a DALI webdataset index (header {' '.join(header)!r})")
+        out = []
+        for line in f:
+            fields = line.split()
+            if not fields:
+                continue
+            members = {}
+            key = ""
+            for i in range(0, len(fields), 4):
+                ext, offset, size, name = fields[i:i + 4]
+                members[ext] = Member(int(offset), int(size))
+                key = name[: name.index(".", name.rfind("/") + 1)]
+            out.append((key, members))
+    if len(out) != int(header[1]):
+        raise UserError(f"{index_path}: header says {header[1]} samples, found {len(out)}: rebuild the shards")
+    return tuple(out)
+
+
+def locate(shards: list[Shard], start: int, stop: int) -> list[tuple[Shard, int, int]]:
+    """Pieces ``(shard, first, stop)`` of local sample indices that cover positions [start, stop)."""
+    pieces = []
+    base = 0
+    for s in shards:
+        lo, hi = max(start, base), min(stop, base + s.samples)
+        if lo < hi:
+            pieces.append((s, lo - base, hi - base))
+        base += s.samples
+        if base >= stop:
+            break
+    return pieces
+
+
+class LoaderBase:
+    """What both backends share: the contract's attributes, ``len`` and ``set_epoch``.
+
+    Iterating yields ``(images, labels)`` (plus a list of sample keys when built
+    with ``with_keys``, for tests and debugging).
+    """
+
+    backend: str = ""
+
+    def __init__(self, plan: SplitPlan, *, preset_name: str, train: bool, seed: int, classes: list[str],
+                 with_keys: bool = False) -> None:
+        self.plan = plan
+        self.preset = preset_name
+        self.train = train
+        self.seed = seed
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.with_keys = with_keys
+        self.epoch = 0
+
+    @property
+    def num_samples(self) -> int:
+        """Real samples in the split (all ranks)."""
+        return self.plan.num_samples
+
+    @property
+    def padding(self) -> int:
+        """Padding samples per epoch over all ranks: real labels in train, label -1 in val."""
+        return self.plan.padding
+
+    def __len__(self) -> int:
+        return self.plan.batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the train shuffle and augmentation for ``epoch`` (val order never changes)."""
+        self.epoch = int(epoch)
+
+    def __repr__(self) -> str:
+        p = self.plan
+        return (f"{type(self).__name__}(preset={self.preset!r}, train={self.train}, rank={p.rank}/{p.world_size}, "
+                f"batch_size={p.batch_size}, batches={len(self)}, samples={p.num_samples}, padding={p.padding})")

@@ -1,0 +1,93 @@
+"""Bad input to `pipeline shard` / `pipeline verify`: exit 2, one stderr line, no traceback, nothing left looking complete."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_label_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    return make_label_folder(tmp_path_factory.mktemp("good"), ["a", "b"], 2)
+
+
+def _cases(tmp: Path, good: Path) -> dict[str, tuple[list[str], str]]:
+    (tmp / "no_images" / "a").mkdir(parents=True)
+    (tmp / "no_images" / "a" / "notes.txt").write_text("x")
+    (tmp / "all_bad" / "a").mkdir(parents=True)
+    (tmp / "all_bad" / "a" / "x.jpg").write_bytes(b"junk")
+    (tmp / "flat").mkdir()
+    (tmp / "a_file").write_text("x")
+    (tmp / "classes.txt").write_text("a\n")
+    return {
+        "missing source": (["shard", str(tmp / "nope"), str(tmp / "o1")], "source not found"),
+        "source is a file": (["shard", str(tmp / "a_file"), str(tmp / "o2")], "must be a directory"),
+        "unknown format": (["shard", str(good), str(tmp / "o3"), "--format", "tfrecord"], "allowed values: auto"),
+        "undetectable": (["shard", str(tmp / "flat"), str(tmp / "o4")], "cannot tell the format"),
+        "no images": (["shard", str(tmp / "no_images"), str(tmp / "o5")], "no images found"),
+        "all inputs bad": (["shard", str(tmp / "all_bad"), str(tmp / "o6")], "no readable image"),
+        "OUT_DIR under a file": (["shard", str(good), str(tmp / "a_file" / "out")], "cannot create OUT_DIR"),
+        "bad val fraction": (["shard", str(good), str(tmp / "o7"), "--val-fraction", "1.5"], "--val-fraction"),
+        "bad size": (["shard", str(good), str(tmp / "o8"), "--shard-size", "lots"], "invalid size"),
+        "bad quality": (["shard", str(good), str(tmp / "o9"), "--quality", "0"], "--quality"),
+        "address without ray": (["shard", str(good), str(tmp / "o10"), "--ray-address", "x:1"], "--executor ray"),
+        "mnist with val fraction": (["shard", "/usr/share/datasets/fashion-mnist", str(tmp / "o11"),
+                                     "--val-fraction", "0.1"], "conflicts with the val split"),
+        "folder not in classes": (["shard", str(good), str(tmp / "o12"), "--classes", str(tmp / "classes.txt")],
+                                  "'b' in"),
+        "verify without manifest": (["verify", str(tmp / "nope")], "no index.json"),
+    }
+
+
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, good):
+    from pipeline.cli import main
+
+    for name, (argv, expected) in _cases(tmp_path, good).items():
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(argv + (["--no-progress"] if argv[0] == "shard" else []))
+        lines = err.getvalue().strip().splitlines()
+        assert code == 2, name
+        assert len(lines) == 1 and lines[0].startswith(f"pipeline {argv[0]}: error: "), (name, lines)
+        assert expected in lines[0], (name, lines[0])
+    # Nothing that looks like a finished build was left behind by any failed run.
+    assert not list(tmp_path.rglob("index.json"))
+
+
+def test_bad_input_in_a_real_process(tmp_path):
+    """Exit status and stderr exactly as a user's shell sees them."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "shard", str(tmp_path / "nope"), str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr == f"pipeline shard: error: source not found: {tmp_path / 'nope'}\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_dir_with_foreign_shards_is_refused(tmp_path, good, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train-000000.tar").write_bytes(b"someone else's")
+    assert main(["shard", str(good), str(out), "--no-progress"]) == 2
+    assert "unknown build" in capsys.readouterr().err
+    assert (out / "train-000000.tar").read_bytes() == b"someone else's"
+
+
+def test_progress_prints_plain_lines_when_not_a_tty():
+    from pipeline.progress import Progress
+
+    stream = io.StringIO()  # not a TTY: no bar, periodic lines with rates and ETA
+    with Progress(10, desc="shard", stream=stream, interval=0.0) as bar:
+        bar.update(4, 2_000_000)
+    line = stream.getvalue().strip()
+    assert line.startswith("shard: 4/10 img (40%)") and "img/s" in line and "MB/s" in line and "ETA" in line

@@ -1,0 +1,105 @@
+"""Shards as their consumers see them: wds2idx-identical indexes read by DALI on the CPU;
+crash safety (SIGKILL, resume); and the Ray executor writing the same bytes as the local pool."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _shard_helpers import dir_bytes
+from conftest import label_from_pixels, make_label_folder
+from pipeline.cli import main
+from pipeline.shard.manifest import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+FM_ARGS = ["--limit", "1500", "--samples-per-shard", "50", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def fm_reference(fmnist_dir, tmp_path_factory) -> Path:
+    """An uninterrupted Fashion-MNIST subset build: 30 + 30 small shards."""
+    out = tmp_path_factory.mktemp("fm") / "ref"
+    assert main(["shard", str(fmnist_dir), str(out), *FM_ARGS, "--workers", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("folder")
+    src = make_label_folder(root / "src", ["a", "b", "c", "d"], [5, 4, 3, 6], size=(40, 30))
+    out = root / "out"
+    assert main(["shard", str(src), str(out), "--samples-per-shard", "7", "--no-progress"]) == 0
+    return out
+
+
+def test_idx_equals_wds2idx(folder_shards, tmp_path):
+    wds2idx = Path(sys.executable).with_name("wds2idx")
+    for shard in read_manifest(folder_shards)["splits"]["train"]["shards"]:
+        ref = tmp_path / shard["index"]
+        subprocess.run([str(wds2idx), str(folder_shards / shard["tar"]), str(ref)], check=True, capture_output=True)
+        assert (folder_shards / shard["index"]).read_bytes() == ref.read_bytes()
+
+
+def test_dali_reads_shards_with_indexes_on_cpu(folder_shards):
+    from nvidia.dali import fn, pipeline_def, types
+
+    m = read_manifest(folder_shards)
+    shards = m["splits"]["train"]["shards"]
+    total = m["splits"]["train"]["samples"]
+
+    @pipeline_def(batch_size=total, num_threads=1, device_id=None)
+    def pipe():
+        img, cls = fn.readers.webdataset(
+            paths=[str(folder_shards / s["tar"]) for s in shards],
+            index_paths=[str(folder_shards / s["index"]) for s in shards],
+            ext=["jpg", "cls"], missing_component_behavior="error", random_shuffle=False)
+        return fn.decoders.image(img, device="cpu", output_type=types.RGB), cls
+
+    p = pipe()
+    p.build()
+    images, labels = p.run()
+    seen = []
+    for i in range(total):
+        img = np.asarray(images.at(i))
+        label = int(bytes(np.asarray(labels.at(i))).decode())
+        assert img.shape == (30, 40, 3)
+        assert label_from_pixels(img.mean(), 4) == label
+        seen.append(label)
+    assert sorted(np.bincount(seen).tolist()) == [3, 4, 5, 6]
+
+
+def test_sigkill_mid_build_then_resume_is_byte_identical(fmnist_dir, fm_reference, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pipeline", "shard", str(fmnist_dir), str(out), *FM_ARGS, "--workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(out.glob(".*.done.json"))) < 3:  # some shards finished, most not yet
+            assert proc.poll() is None, "the build finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = len(list(out.glob(".*.done.json")))
+    assert 3 <= done < 60 and not (out / "index.json").exists()
+    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {done} of 60 shards already done" in resumed.stderr
+    assert dir_bytes(out) == dir_bytes(fm_reference)
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # the killed run's temporaries are gone
+
+
+@pytest.mark.slow
+def test_ray_executor_writes_the_same_bytes(fmnist_dir, fm_reference, tmp_path, ray_local):
+    out = tmp_path / "ray"
+    assert main(["shard", str(fmnist_dir), str(out), *FM_ARGS, "--executor", "ray"]) == 0
+    assert dir_bytes(out) == dir_bytes(fm_reference)

@@ -2,6 +2,7 @@
 
 Cases, all on the same ImageNet-like folder, measured in one run with repeats:
   pass-through        build without resizing (valid RGB JPEGs copied after a decode check)
+  pass-through --check header   the same, trusting RGB JPEG headers (no decode): the tar-like mode
   resize-short 256    build with --resize-short 256 --quality 90
   tar -cf             GNU tar packing the same folder: the byte rate a shard writer can hope for
   pillow loop         one process: open → resize short side 256 → save JPEG q90
@@ -55,9 +56,9 @@ def run(*, quick: bool = False, workdir: Path | None = None, workers: list[int] 
             results.append(Result("shard", case, role, "images_per_s", "images/s", [len(files) / s for s in secs], params))
             results.append(Result("shard", case, role, "mb_per_s", "MB/s", [nbytes / 1e6 / s for s in secs], params))
 
-        def shard_run(w: int, resize: int | None) -> float:
+        def shard_run(w: int, resize: int | None, check: str = "decode") -> float:
             shutil.rmtree(out, ignore_errors=True)
-            config = ShardConfig(source=src, out_dir=out, workers=w, resize_short=resize, progress=False,
+            config = ShardConfig(source=src, out_dir=out, workers=w, resize_short=resize, progress=False, check=check,
                                  samples_per_shard=max(1, len(files) // (4 * w)))  # several shards per worker
             secs, report = timed(lambda: build(config, log=io.StringIO()))
             assert report.manifest["splits"]["train"]["samples"] == len(files)
@@ -87,10 +88,13 @@ def run(*, quick: bool = False, workdir: Path | None = None, workers: list[int] 
         best = max(workers)
         add("tar -cf", "limit", repeat(tar_run, repeats))
         add("pass-through", "case", repeat(lambda: shard_run(best, None), repeats), workers=best)
+        add("pass-through --check header", "case", repeat(lambda: shard_run(best, None, "header"), repeats),
+            workers=best)
         add("resize-short 256", "case", repeat(lambda: shard_run(best, 256), repeats), workers=best)
         add("pillow loop", "baseline", repeat(pillow_run, repeats), workers=1)
         for w in workers:
-            add(f"pass-through {w}w", "case", repeat(lambda: shard_run(w, None), repeats), workers=w)
+            add(f"pass-through {w}w", "case", repeat(lambda: shard_run(w, None), repeats), workers=w,
+                scaling=w, series="pass-through")
         return results
     finally:
         if own_tmp:
@@ -101,9 +105,11 @@ def goals(results: list[Result]) -> list[Ratio]:
     """Pass-through vs tar's byte rate (goal ≥ 0.9), resize vs the Pillow loop, and worker scaling."""
     out = [
         ratio(results, "pass-through / tar -cf", "pass-through", "tar -cf", metric="mb_per_s", goal=0.9),
+        ratio(results, "pass-through --check header / tar -cf", "pass-through --check header", "tar -cf",
+              metric="mb_per_s", goal=0.9),
         ratio(results, "resize-short 256 / pillow loop", "resize-short 256", "pillow loop", metric="images_per_s"),
     ]
-    ws = sorted({int(r.case.split()[-1][:-1]) for r in results if r.case.startswith("pass-through ")})
+    ws = sorted({int(r.params["scaling"]) for r in results if "scaling" in r.params})
     if len(ws) > 1:
         out.append(ratio(results, f"pass-through {ws[-1]}w / {ws[0]}w", f"pass-through {ws[-1]}w",
                          f"pass-through {ws[0]}w", metric="images_per_s"))

@@ -216,3 +216,11 @@ def test_fashion_mnist_subset(fmnist_dir, tmp_path):
         px = np.asarray(Image.open(io.BytesIO(s["png"])))
         assert px.shape == (28, 28, 3) and all(np.array_equal(px[..., c], images[i]) for c in range(3))
     assert main(["verify", str(out)]) == 0
+
+
+@pytest.mark.parametrize("name", ["000000001.jpg", "123456789.json", "a" * 100, "é.cls"])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 123_456, 8**11 - 1])
+def test_member_header_is_tarfiles_ustar_header(name, size):
+    from pipeline.shard.write import _member_header_tarfile, member_header
+
+    assert member_header(name, size) == _member_header_tarfile(name, size)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.shard.preprocess import SkipSample, process_array, process_file
+from pipeline.shard.preprocess import SkipSample, jpeg_frame, process_array, process_file
 
 
 def _jpeg(arr: np.ndarray, **kw) -> bytes:
@@ -131,3 +131,31 @@ def test_arrays_become_lossless_rgb_png():
     assert out.ext == "png" and img.mode == "RGB"
     px = np.asarray(img)
     assert all(np.array_equal(px[..., c], grey) for c in range(3))
+
+
+def test_jpeg_frame_matches_pillow(photo):
+    for data in (_jpeg(photo), _jpeg(photo, progressive=True), _jpeg(photo[..., 0]), _jpeg(photo[:17, :5])):
+        img = Image.open(io.BytesIO(data))
+        assert jpeg_frame(data)[1:] == (img.height, img.width, len(img.getbands()))
+    assert jpeg_frame(b"") is None and jpeg_frame(b"\x89PNG\r\n") is None and jpeg_frame(b"\xff\xd8\xff") is None
+
+
+def test_header_check_copies_rgb_jpegs_unread_and_still_converts_the_rest(photo):
+    data = _jpeg(photo)
+    out = process_file(data, resize=None, quality=90, max_pixels=10**8, check="header")
+    assert out.data == data and (out.width, out.height) == (400, 300) and not out.reencoded
+    # The documented trade-off of --check header: damage inside the scan data is copied as is...
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0xFF
+    assert process_file(bytes(damaged), resize=None, quality=90, max_pixels=10**8, check="header").data == damaged
+    # ...but a truncated file has no end-of-image marker, so the decoder sees it and skips it.
+    with pytest.raises(SkipSample, match="^undecodable"):
+        process_file(data[: len(data) * 2 // 3], resize=None, quality=90, max_pixels=10**8, check="header")
+    # Anything that is not already an RGB JPEG still goes through decode and conversion.
+    grey = _jpeg(photo[..., 0])
+    converted = process_file(grey, resize=None, quality=90, max_pixels=10**8, check="header")
+    assert converted.reencoded and _decode(converted.data).mode == "RGB"
+    with pytest.raises(SkipSample, match="^too many pixels"):
+        process_file(data, resize=None, quality=90, max_pixels=100, check="header")
+    with pytest.raises(SkipSample, match="^empty file"):
+        process_file(b"", resize=None, quality=90, max_pixels=100, check="header")

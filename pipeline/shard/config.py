@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 Format = Literal["auto", "imagefolder", "mnist-idx", "cifar10"]
 Executor = Literal["local", "ray"]
+Check = Literal["decode", "header"]
 
 # ImageNet's mean JPEG is ~110 KB, so 256 MB shards hold ~2,300 images: large enough for
 # sequential reads at full disk/network speed, small enough for ~560 shards to spread over
@@ -38,6 +39,7 @@ class ShardConfig:
     resize_short: int | None = None
     quality: int = DEFAULT_QUALITY
     max_pixels: int = DEFAULT_MAX_PIXELS
+    check: Check = "decode"
     limit: int | None = None
     workers: int = dataclasses.field(default_factory=lambda: len(os.sched_getaffinity(0)))
     executor: Executor = "local"
@@ -50,6 +52,8 @@ class ShardConfig:
             raise ValueError(f"invalid format {self.format!r}; allowed values: auto, imagefolder, mnist-idx, cifar10")
         if self.executor not in ("local", "ray"):
             raise ValueError(f"invalid executor {self.executor!r}; allowed values: local, ray")
+        if self.check not in ("decode", "header"):
+            raise ValueError(f"invalid check {self.check!r}; allowed values: decode, header")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.samples_per_shard < 1:
@@ -87,5 +91,6 @@ class ShardConfig:
             "resize_short": self.resize_short,
             "quality": self.quality,
             "max_pixels": self.max_pixels,
+            "check": self.check,
             "limit": self.limit,
         }

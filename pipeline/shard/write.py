@@ -75,7 +75,30 @@ def tmp_name(path: Path) -> Path:
 
 
 def member_header(name: str, size: int) -> bytes:
-    """A reproducible ustar header: mtime 0, uid/gid 0, no user names, read-only file."""
+    """A reproducible ustar header: mtime 0, uid/gid 0, no user names, read-only file.
+
+    Byte-identical to ``tarfile.TarInfo.tobuf(USTAR_FORMAT)`` with those fields, built
+    directly for the short ASCII names samples have: ``tobuf`` costs ~0.1 ms a member,
+    a third of a header-checked pass-through build.
+    """
+    encoded = name.encode("ascii", "surrogateescape") if name.isascii() else b""
+    if not encoded or len(encoded) > 100 or size >= 8**11:
+        return _member_header_tarfile(name, size)
+    head = encoded.ljust(100, b"\0") + _USTAR_MODE_IDS + b"%011o\0" % size
+    tail = _USTAR_AFTER_CHKSUM
+    head += _USTAR_MTIME
+    chksum = sum(head) + sum(tail) + 8 * 0x20  # the checksum field counts as eight spaces
+    return head + b"%06o\0 " % chksum + tail
+
+
+# Fixed parts of our headers: mode 0444, uid 0, gid 0 | mtime 0 | type "0", ustar magic, empty names and devices.
+_USTAR_MODE_IDS = b"0000444\0" + b"0000000\0" + b"0000000\0"
+_USTAR_MTIME = b"00000000000\0"
+_USTAR_AFTER_CHKSUM = (b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (64 + 16 + 155)).ljust(
+    BLOCK - 156, b"\0")
+
+
+def _member_header_tarfile(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0
@@ -151,7 +174,7 @@ def encode_sample(fmt: str, config: ShardConfig, record: sources.Record) -> prep
         raise preprocess.SkipSample(f"unreadable: {exc.strerror or exc}") from None
     if isinstance(raw, bytes):
         return preprocess.process_file(raw, resize=config.resize_short, quality=config.quality,
-                                       max_pixels=config.max_pixels)
+                                       max_pixels=config.max_pixels, check=config.check)
     return preprocess.process_array(raw, resize=config.resize_short)
 
 

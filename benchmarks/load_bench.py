@@ -106,7 +106,7 @@ def run(*, quick: bool = False, workdir: Path | None = None) -> list[Result]:
     results: list[Result] = []
     params = {"images": n, "batch_size": batch, "preset": "imagenet", "split": "train", "cores": cores}
 
-    def loader_case(case: str, role: str, backend: str, device: str, **opts) -> None:
+    def loader_case(case: str, role: str, backend: str, device: str, scaling: int | None = None, **opts) -> None:
         loader = build_loader(shard_dir, "train", batch_size=batch, backend=backend, device=device,
                               options=LoaderOptions(**opts))
         sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
@@ -117,15 +117,16 @@ def run(*, quick: bool = False, workdir: Path | None = None) -> list[Result]:
             return _epoch_rate(loader, sync)
 
         results.append(Result("load", case, role, METRIC, "images/s", repeat(once, repeats),
-                              {**params, "backend": backend, "device": device, **opts}))
+                              {**params, "backend": backend, "device": device, **opts,
+                               **({} if scaling is None else {"scaling": scaling, "series": f"{backend}-{device}"})}))
 
-    loader_case("dali-cpu", "case", "dali", "cpu", num_threads=cores)
-    loader_case("torch", "baseline", "torch", "cpu", num_workers=cores)
+    loader_case("dali-cpu", "case", "dali", "cpu", scaling=cores, num_threads=cores)
+    loader_case("torch", "baseline", "torch", "cpu", scaling=cores, num_workers=cores)
     results.append(Result("load", "pillow decode", "limit", METRIC, "images/s",
                           _bare_decode(shard_dir, cores, repeats), {**params, "processes": cores}))
     if cores > 1:
-        loader_case("dali-cpu 1t", "case", "dali", "cpu", num_threads=1)
-        loader_case("torch 1w", "baseline", "torch", "cpu", num_workers=1)
+        loader_case("dali-cpu 1t", "case", "dali", "cpu", scaling=1, num_threads=1)
+        loader_case("torch 1w", "baseline", "torch", "cpu", scaling=1, num_workers=1)
     if torch.cuda.is_available():
         loader_case("dali-gpu", "case", "dali", "gpu", num_threads=cores)
     return results

@@ -91,8 +91,6 @@ def plot_throughput(payload: dict[str, Any], path: Path) -> Path | None:
     """One horizontal bar chart per (stage, metric): median with min–max whiskers, coloured by role."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in payload["results"]:
-        if "scaling" in r.get("params", {}):
-            continue  # scaling points have their own plot
         groups[(r["stage"], r["unit"])].append(r)
     if not groups:
         return None

@@ -56,7 +56,7 @@ def markdown(payload: dict[str, Any]) -> str:
         + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
         + f"; torch {m.get('torch', '?')}, DALI {m.get('dali', 'n/a')}, Python {m.get('python')}.",
         "",
-        "| stage | case | role | metric | median | spread | repeats | params |",
+        "| stage | case | role | unit | median | spread | repeats | params |",
         "|---|---|---|---|---:|---:|---:|---|",
     ]
     for r in payload["results"]:
@@ -106,12 +106,14 @@ def plot_throughput(payload: dict[str, Any], path: Path) -> Path | None:
         ax.barh(names, med, xerr=[lo, hi], color=[_ROLE_COLOURS[r["role"]] for r in rows], capsize=3)
         ax.invert_yaxis()
         ax.set_title(f"{stage}: {unit}", fontsize=10, loc="left")
-        for y, v in enumerate(med):
-            ax.text(v, y, f" {_fmt(v)}", va="center", fontsize=8)
+        for y, (v, top) in enumerate(zip(med, (m + h for m, h in zip(med, hi)))):
+            ax.text(top, y, f"  {_fmt(v)}", va="center", fontsize=8)
+        ax.set_xlim(0, max(m + h for m, h in zip(med, hi)) * 1.18)  # room for the labels
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _ROLE_COLOURS.values()]
-    fig.legend(handles, list(_ROLE_COLOURS), loc="lower right", fontsize=8)
+    fig.legend(handles, list(_ROLE_COLOURS), loc="upper right", fontsize=8, ncol=3, frameon=False)
     m = payload["machine"]
-    fig.suptitle(f"{m.get('host')} · {m.get('cpus')} CPUs{' · ' + m['gpu'] if m.get('gpu') else ''}", fontsize=9)
+    fig.suptitle(f"{m.get('host')} · {m.get('cpus')} CPUs{' · ' + m['gpu'] if m.get('gpu') else ''}", fontsize=9,
+                 x=0.02, ha="left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,103 @@
+"""Checkpoint layout: a directory holding ``state.pt`` (tensors and plain dicts) and ``meta.json``.
+
+``state.pt`` loads with ``torch.load(weights_only=True)``: model, optimizer,
+GradScaler and schedule state, epoch and global step, the best validation score
+so far. ``meta.json`` says what the model is (architecture, classes, input
+shape) so ``pipeline evaluate`` and ``--init-from`` can rebuild it without the
+training config. The same directory is what Ray Train persists and what MLflow
+stores as the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(directory: str | Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write ``state`` (tensors, dicts, numbers) and ``meta`` (JSON) into ``directory``, atomically per file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic(directory / STATE_FILE, lambda f: torch.save(state, f))
+    _atomic(directory / META_FILE, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
+    return directory
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _state_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path} (expected a checkpoint directory with {STATE_FILE}, or the file)")
+    return path
+
+
+def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load ``state.pt`` from a checkpoint directory or file, tensors only (``weights_only=True``)."""
+    p = _state_path(path)
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise UserError(f"cannot read checkpoint {p}: {exc}") from None
+
+
+def load_meta(path: str | Path) -> dict[str, Any]:
+    """``meta.json`` next to ``state.pt`` ({} when absent)."""
+    p = _state_path(path).parent / META_FILE
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {p}: {exc}") from None
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model saved in a checkpoint; returns ``(model, meta)``."""
+    from pipeline.train.models import build_model
+
+    meta = load_meta(path)
+    missing = [k for k in ("model", "num_classes", "in_channels", "image_size") if k not in meta]
+    if missing:
+        raise UserError(f"checkpoint {path} has no {META_FILE} with {', '.join(missing)}: "
+                        "was it written by pipeline train?")
+    model = build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
+                        meta.get("dropout", 0.0))
+    model.load_state_dict(load_state(path, map_location)["model"])
+    return model, meta
+
+
+__all__ = ["META_FILE", "STATE_FILE", "load_meta", "load_model", "load_state", "save_checkpoint", "unwrap"]

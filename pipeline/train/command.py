@@ -1,0 +1,94 @@
+"""``pipeline train`` and ``pipeline evaluate`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``pipeline train`` and ``python -m pipeline.train``."""
+    p.add_argument("--config", default="fashion_mnist", metavar="NAME_OR_FILE",
+                   help="bundled config name (fashion_mnist, fashion_mnist_resnet, cifar10, imagenet_resnet50) "
+                        "or a YAML file (default: fashion_mnist)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=5 --set scaling.num_workers=4 (repeatable)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="same as --set train.precision=…")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT_OR_MLFLOW_MODEL",
+                   help="start from these weights (checkpoint dir/file, runs:/…, models:/…); the head is "
+                        "replaced when the class count differs")
+    p.add_argument("--freeze-backbone-epochs", type=int, default=None, metavar="N",
+                   help="with --init-from: train only the head for the first N epochs")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``train`` and ``evaluate`` to the ``pipeline`` command."""
+    t = subparsers.add_parser(
+        "train", help="train a classifier on shards with Ray Train (DDP) and log to MLflow",
+        description="Train on Ray Train workers (a local Ray unless RAY_ADDRESS is set) and track the run in "
+                    "MLflow ($MLFLOW_TRACKING_URI, else sqlite:///mlruns.db). Starting a job again with the "
+                    "same run.name resumes it from its latest checkpoint.",
+    )
+    add_train_arguments(t)
+    t.set_defaults(func=run_train)
+
+    e = subparsers.add_parser("evaluate", help="top-1/top-5 and per-class accuracy of a model on a shard split",
+                              description="Evaluate a checkpoint or MLflow model on a shard split, in this process.")
+    e.add_argument("--model", required=True, metavar="CHECKPOINT_OR_MLFLOW_MODEL",
+                   help="checkpoint directory/file from pipeline train, or runs:/<run id>/model, models:/<name>/<v>")
+    e.add_argument("--shards", required=True, metavar="DIR", help="shard directory (with index.json)")
+    e.add_argument("--split", default="val", help="train | val (default: val)")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--backend", default="auto", choices=("auto", "dali", "torch"))
+    e.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"))
+    e.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    e.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    e.set_defaults(func=run_evaluate)
+
+
+def config_from_args(args: argparse.Namespace):
+    """The validated ``TrainConfig`` of parsed ``train`` arguments."""
+    from pipeline.train.config import load_config
+
+    overrides = list(args.overrides)
+    if args.precision:
+        overrides.append(f"train.precision={args.precision}")
+    if args.init_from:
+        overrides.append(f"train.init_from={json.dumps(args.init_from)}")  # quoted: a YAML scalar, verbatim
+    if args.freeze_backbone_epochs is not None:
+        overrides.append(f"train.freeze_backbone_epochs={args.freeze_backbone_epochs}")
+    return load_config(args.config, overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``pipeline train``: validate the config, fit, print the test accuracy and where the run is tracked."""
+    cfg = config_from_args(args)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    from pipeline.train.launch import fit, summary
+
+    result = fit(cfg)
+    print(summary(result))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``pipeline evaluate``: print top-1/top-5 and per-class accuracy."""
+    from pipeline.train.evaluate import evaluate_model
+
+    res = evaluate_model(args.model, args.shards, args.split, batch_size=args.batch_size, backend=args.backend,
+                         device=args.device, precision=args.precision)
+    if args.json:
+        print(json.dumps({"split": res.split, "samples": res.samples, "top1": res.top1, "top5": res.top5,
+                          "loss": res.loss, "per_class": {c: a for c, _, a in res.per_class()}}))
+    else:
+        print(res.format())
+    return 0
+
+
+__all__ = ["add_train_arguments", "config_from_args", "register", "run_evaluate", "run_train"]

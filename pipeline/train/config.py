@@ -1,0 +1,219 @@
+"""Training configuration: one frozen dataclass per concern, loaded from YAML plus ``--set`` overrides.
+
+Stable keys that users' scripts may rely on: ``data.shards``, ``train.epochs``,
+``train.batch_size`` (per worker), ``scaling.num_workers``, ``scaling.use_gpu``,
+``run.name``, ``tracking.experiment``. Bundled configs live in ``pipeline/configs``
+and are named without path or suffix (``--config fashion_mnist``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.config import apply_overrides, from_dict, load_yaml, to_dict
+from pipeline.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+ModelName = Literal["seed_cnn", "cifar_cnn", "fmnist_resnet", "resnet18", "resnet50"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which shards to read and how (see ``pipeline.data.make_loader``)."""
+
+    shards: Path = Path("shards/fashion_mnist")
+    backend: Literal["auto", "dali", "torch"] = "auto"
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    preset: Literal["imagenet", "cifar", "mnist"] | None = None  # None: the shard set's own preset
+    val_split: Literal["val", "train"] = "val"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: ModelName = "seed_cnn"
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model (pays a one-off compile per worker)
+    dropout: float = 0.0  # before the classifier head, where the model has one to tune
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.1  # peak learning rate for the global batch (batch_size * num_workers)
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = False  # SGD only
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW only
+    weight_decay: float = 0.0  # never applied to norm layers and biases
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 0.0  # linear warmup from lr * warmup_start, per step
+    warmup_start: float = 0.01
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup, per step
+    min_lr: float = 0.0  # cosine floor, as a fraction of lr
+    grad_clip: float | None = None  # max global grad norm
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("momentum", "label_smoothing", "min_lr", "warmup_start"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ValueError("weight_decay and warmup_epochs must be >= 0")
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs name: sgd and momentum > 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    epochs: int = 10
+    batch_size: int = 256  # per worker
+    precision: Precision = "fp32"
+    seed: int = 0
+    log_every_steps: int = 50  # step metrics and console lines; the only host syncs in the hot loop
+    max_steps_per_epoch: int | None = None  # cap for smoke runs and benchmarks; None = whole epoch
+    init_from: str | None = None  # checkpoint dir/file or MLflow model URI (runs:/…, models:/…)
+    freeze_backbone_epochs: int = 0  # with init_from: train only the new head for this many epochs
+    augment: Literal["none", "flip", "flip_shift"] = "none"  # cheap batch-level augmentation on the device
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.log_every_steps < 1:
+            raise ValueError(f"log_every_steps must be >= 1, got {self.log_every_steps}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError("max_steps_per_epoch must be >= 1 or null")
+        if self.freeze_backbone_epochs < 0:
+            raise ValueError("freeze_backbone_epochs must be >= 0")
+        if self.freeze_backbone_epochs and not self.init_from:
+            raise ValueError("freeze_backbone_epochs needs init_from (a backbone to keep)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingSection:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # only with use_gpu
+    torch_threads: int | None = None  # intra-op threads per worker; None = cpus_per_worker
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError("cpus_per_worker must be > 0")
+
+    def resources_per_worker(self) -> dict[str, float]:
+        res = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            res["GPU"] = self.gpus_per_worker
+        return res
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    name: str | None = None  # same name + storage path = same job: a restart resumes it
+    storage_path: Path = Path("ray_results")  # checkpoints and Ray results; shared storage on a cluster
+    checkpoints_to_keep: int = 2
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    keep_best_by: Literal["val_top1", "val_loss"] = "val_top1"
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", self.name):
+            raise ValueError(f"name {self.name!r}: use letters, digits, '_', '-', '.' (max 128)")
+        if self.checkpoints_to_keep < 1:
+            raise ValueError("checkpoints_to_keep must be >= 1")
+        if self.max_failures < -1:
+            raise ValueError("max_failures must be >= 0 (or -1 for unlimited)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingSection:
+    enabled: bool = True
+    experiment: str = "pipeline"
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the cwd
+    artifact_location: str | None = None  # for new experiments on the local store; None: ./mlartifacts
+    log_model: bool = True
+    confusion_matrix: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The whole resolved training job."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainSection = TrainSection()
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection = RunSection()
+    tracking: TrackingSection = TrackingSection()
+
+    def __post_init__(self) -> None:
+        if self.train.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("train.precision fp16 needs scaling.use_gpu: true (GradScaler); use bf16 on CPU")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (paths as strings): for YAML artifacts and MLflow params."""
+        return to_dict(self)
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A bundled config name (``fashion_mnist``) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists() or os.sep in name_or_path:
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        return p
+    bundled = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not bundled.is_file():
+        raise UserError(f"unknown config {name_or_path!r}; bundled configs: {', '.join(bundled_configs())} "
+                        "(or pass a path to a YAML file)")
+    return bundled
+
+
+def bundled_configs() -> list[str]:
+    """Names accepted by ``--config`` without a path."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load, override and validate a config; fills ``run.name`` when the config leaves it empty.
+
+    A generated name is the config's name plus a timestamp, so two plain runs never
+    resume each other; pass ``--set run.name=…`` to make a restart resume.
+    """
+    raw: dict[str, Any] = load_yaml(resolve_config_path(name_or_path)) if name_or_path else {}
+    raw = apply_overrides(raw, list(overrides or []))
+    cfg = from_dict(TrainConfig, raw)
+    if cfg.run.name is None:
+        stem = Path(name_or_path).stem if name_or_path else "train"
+        name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name))
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config from ``TrainConfig.to_dict()`` (what workers and checkpoints carry)."""
+    return from_dict(TrainConfig, data)
+
+
+__all__ = [
+    "CONFIG_DIR", "DataConfig", "ModelConfig", "OptimConfig", "RunSection", "ScalingSection", "TrackingSection",
+    "TrainConfig", "TrainSection", "bundled_configs", "config_from_dict", "load_config", "resolve_config_path",
+]

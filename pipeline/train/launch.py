@@ -1,0 +1,146 @@
+"""Launch a training job: ``TorchTrainer(ScalingConfig, RunConfig).fit()`` on a Ray cluster.
+
+Connects to an existing cluster when ``RAY_ADDRESS`` is set (``ray job submit``
+sets it), otherwise starts a local one sized to this machine. Relative paths in
+the config (shards, storage, the SQLite tracking store) are resolved here, in
+the directory the user launched from, because Ray Train workers run in their own
+working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+from pipeline.train.config import TrainConfig
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished job reports back to the caller."""
+
+    run_name: str
+    metrics: dict[str, Any]  # the last epoch's metrics (rank 0's report)
+    checkpoint_path: str | None  # the latest checkpoint directory
+    storage_dir: str  # run.storage_path / run.name
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+
+
+def resolve_paths(cfg: TrainConfig, cwd: Path | None = None) -> TrainConfig:
+    """Absolute ``data.shards`` and ``run.storage_path`` (URIs such as ``s3://`` are left alone)."""
+    cwd = cwd or Path.cwd()
+    shards = cfg.data.shards if cfg.data.shards.is_absolute() else (cwd / cfg.data.shards).resolve()
+    storage = str(cfg.run.storage_path)
+    if "://" not in storage:
+        storage = str((cwd / Path(storage).expanduser()).resolve())
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, shards=shards),
+        run=dataclasses.replace(cfg.run, storage_path=Path(storage)),
+    )
+
+
+def _ensure_ray(cfg: TrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)  # the cluster of `ray job submit` or an explicit RAY_ADDRESS
+        return
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
+             num_gpus=None if cfg.scaling.use_gpu else 0)
+
+
+def _check_init_from(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
+    """A local ``--init-from`` checkpoint must fit the model and inputs; MLflow URIs are checked by the workers."""
+    src = cfg.train.init_from
+    if not src or src.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        return
+    from pipeline.data.presets import get_preset
+    from pipeline.train.checkpoint import load_meta
+
+    meta = load_meta(src)  # UserError when the path holds no checkpoint
+    channels, size, _ = get_preset(cfg.data.preset or manifest["preset"]).output_shape()
+    if meta and meta.get("model") != cfg.model.name:
+        raise UserError(f"--init-from {src} holds a {meta.get('model')} model, the config trains {cfg.model.name}: "
+                        f"set model.name={meta.get('model')}")
+    if meta and (meta.get("in_channels"), meta.get("image_size")) != (channels, size):
+        raise UserError(f"--init-from {src} was trained on {meta.get('in_channels')}×{meta.get('image_size')}² inputs, "
+                        f"the shards' preset gives {channels}×{size}²: set data.preset to match")
+
+
+def fit(cfg: TrainConfig) -> TrainResult:
+    """Train ``cfg`` on Ray Train; a job with the same ``run.name`` and storage path resumes from its checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.shard.manifest import read_manifest
+    from pipeline.train.loop import train_loop_per_worker
+    from pipeline.train.tracking import default_artifact_location, find_job_run, resolve_tracking_uri
+
+    cfg = resolve_paths(cfg)
+    # A missing or partial shard set, or weights that cannot fit, is a user error before any worker starts.
+    manifest = read_manifest(cfg.data.shards)
+    _check_init_from(cfg, manifest)
+    if cfg.scaling.use_gpu and cfg.data.device == "cpu":
+        raise UserError("scaling.use_gpu is true but data.device is cpu: set data.device to auto or gpu")
+    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
+    artifact_location = (default_artifact_location(tracking_uri, cfg.tracking.artifact_location)
+                         if tracking_uri else None)
+    storage_dir = f"{str(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "tracking_uri": tracking_uri,
+        "artifact_location": artifact_location,
+        "run_key": storage_dir,  # identifies the job's MLflow run across restarts
+    }
+    _ensure_ray(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=cfg.scaling.resources_per_worker()),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=str(cfg.run.storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    run = find_job_run(tracking_uri, cfg.tracking.experiment, storage_dir) if tracking_uri else None
+    return TrainResult(
+        run_name=str(cfg.run.name),
+        metrics=dict(result.metrics or {}),
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        storage_dir=storage_dir,
+        mlflow_run_id=run.info.run_id if run else None,
+        tracking_uri=tracking_uri,
+    )
+
+
+def summary(res: TrainResult) -> str:
+    """Lines printed at the end of ``pipeline train``: test accuracy and where to look next."""
+    from pipeline.train.tracking import ui_hint
+
+    m = res.metrics
+    lines = []
+    if "val_top1" in m:
+        top5 = m.get("val_top5", float("nan"))
+        lines.append(f"test accuracy (val split): top-1 {m['val_top1']:.4f}, top-5 {top5:.4f} "
+                     f"after epoch {m.get('epoch', '?')}")
+    if res.checkpoint_path:
+        lines.append(f"checkpoint: {res.checkpoint_path}")
+    if res.mlflow_run_id:
+        lines.append(f"MLflow run {res.mlflow_run_id} ({res.run_name}); view it with: {ui_hint(res.tracking_uri)}")
+    lines.append(f"resume or extend this job: --set run.name={res.run_name} --set train.epochs=N")
+    return "\n".join(lines)
+
+
+__all__ = ["TrainResult", "fit", "resolve_paths", "summary"]

@@ -1,0 +1,200 @@
+"""End to end on real Ray Train (2 CPU workers, gloo), real shards, real MLflow SQLite store.
+
+Ray Train runs are expensive here, so three runs serve all tests, in order:
+1. a 3-epoch seed-CNN job whose worker is killed mid-training (it must finish from its checkpoint);
+2. the same job started again with 4 epochs (it must continue, not restart);
+3. a bf16 fine-tune of run 1's checkpoint to a 3-class collection (new head, backbone frozen 1 epoch).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.errors import UserError
+from pipeline.train.checkpoint import load_meta, load_state
+from pipeline.train.config import load_config
+from pipeline.train.launch import fit
+from pipeline.train.tracking import RUN_KEY_TAG
+from conftest import make_label_folder
+
+pytestmark = pytest.mark.slow
+
+EPOCH_METRICS = ("train_loss", "train_images_per_s", "data_wait_frac", "val_loss", "val_top1", "val_top5")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, fmnist_dir):
+    """Small Fashion-MNIST shard set (real images) and a 3-class label-encoding collection."""
+    root = tmp_path_factory.mktemp("train")
+    fm = root / "fm"
+    assert main(["shard", str(fmnist_dir), str(fm), "--limit", "1024", "--samples-per-shard", "256",
+                 "--no-progress"]) == 0
+    folder = make_label_folder(root / "three", ["dark", "mid", "light"], per_class=96, size=(28, 28))
+    three = root / "three_shards"
+    assert main(["shard", str(folder), str(three), "--val-fraction", "0.25", "--no-progress"]) == 0
+    return {"root": root, "fm": fm, "three": three, "uri": f"sqlite:///{root}/mlruns.db"}
+
+
+def _cfg(work, name: str, *extra: str, shards: Path | None = None):
+    return load_config("fashion_mnist", [
+        f"data.shards={shards or work['fm']}", "data.backend=auto", f"run.name={name}",
+        f"run.storage_path={work['root'] / 'ray_results'}", f"tracking.tracking_uri={work['uri']}",
+        "tracking.experiment=tests", "train.batch_size=64", "train.log_every_steps=4", "optim.lr=0.003",
+        "optim.warmup_epochs=0", "scaling.num_workers=2", "scaling.cpus_per_worker=1", *extra,
+    ])
+
+
+def _descendants(root: int) -> list[int]:
+    """Process ids below ``root`` (from /proc): only processes this test started can be chosen."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+            ppid = int(rest.rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(pid))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_a_worker_after_first_checkpoint(storage: Path, killed: list[int], stop: threading.Event) -> None:
+    """Chaos: once epoch 1's checkpoint exists, SIGKILL one Ray Train worker started by this test process."""
+    while not stop.is_set():
+        if any(p.is_dir() for p in storage.glob("checkpoint_*")):
+            for pid in _descendants(os.getpid()):
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                except OSError:
+                    continue
+                if "RayTrainWorker" in cmdline:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def killed_run(work, ray_local):
+    cfg = _cfg(work, "fm-job", "train.epochs=3", "run.max_failures=2")
+    killed: list[int] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
+                               args=(work["root"] / "ray_results" / "fm-job", killed, stop), daemon=True)
+    watcher.start()
+    try:
+        result = fit(cfg)
+    finally:
+        stop.set()
+        watcher.join()
+    return result, killed
+
+
+def _history(run_id: str, key: str, uri: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in mlflow.MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def test_killed_worker_run_finishes_from_checkpoint(killed_run, work):
+    result, killed = killed_run
+    assert killed, "no Ray Train worker was killed: the chaos thread found none"
+    assert result.metrics["epoch"] == 3
+    client = mlflow.MlflowClient(work["uri"])
+    run = client.get_run(result.mlflow_run_id)
+    runs = client.search_runs([run.info.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{result.storage_dir}'")
+    assert len(runs) == 1  # the restarted workers found the job's run instead of opening another
+    assert int(run.data.tags["pipeline.resumes"]) >= 1
+    for key in EPOCH_METRICS:
+        steps = [s for s, _ in _history(result.mlflow_run_id, key, work["uri"])]
+        assert steps == [1, 2, 3], (key, steps)  # every epoch once, none repeated after the restart
+
+
+def test_loss_falls_and_accuracy_beats_chance(killed_run, work):
+    result, _ = killed_run
+    losses = [v for _, v in _history(result.mlflow_run_id, "train_loss", work["uri"])]
+    assert losses[-1] < losses[0]
+    top1 = [v for _, v in _history(result.mlflow_run_id, "val_top1", work["uri"])]
+    assert all(0.0 <= v <= 1.0 for v in top1) and top1[-1] > 0.3  # 10 classes: chance is 0.1
+    top5 = [v for _, v in _history(result.mlflow_run_id, "val_top5", work["uri"])]
+    assert all(b >= a for a, b in zip(top1, top5))
+    assert result.metrics["val_top1"] == pytest.approx(top1[-1])
+    assert 0.0 <= result.metrics["data_wait_frac"] <= 1.0 and result.metrics["train_images_per_s"] > 0
+
+
+def test_mlflow_run_holds_params_artifacts_and_model(killed_run, work):
+    result, _ = killed_run
+    client = mlflow.MlflowClient(work["uri"])
+    run = client.get_run(result.mlflow_run_id)
+    params = run.data.params
+    assert params["train.epochs"] == "3" and params["model.name"] == "seed_cnn"
+    assert params["scaling.num_workers"] == "2" and params["data.shards"] == str(work["fm"])
+    assert _history(result.mlflow_run_id, "step_train_loss", work["uri"])  # every N steps too
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "data", "eval", "best_checkpoint"} <= files
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} == {
+        "eval/confusion_matrix.png", "eval/per_class_accuracy.csv"}
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(work["uri"])  # runs:/ URIs resolve against the process-wide tracking URI
+    try:
+        model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")  # the torch.export program
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_checkpoint_loads_weights_only_and_evaluate_agrees(killed_run, work, capsys):
+    result, _ = killed_run
+    state = torch.load(Path(result.checkpoint_path) / "state.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["global_step"] == 3 * (1024 // (2 * 64))
+    assert set(state) >= {"model", "optimizer", "scaler", "schedule"}
+    assert main(["evaluate", "--model", result.checkpoint_path, "--shards", str(work["fm"]), "--json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples"] == 1024 and out["top1"] == pytest.approx(result.metrics["val_top1"], abs=2e-3)
+    assert set(out["per_class"]) == set(load_meta(result.checkpoint_path)["classes"])
+
+
+@pytest.fixture(scope="module")
+def extended_run(killed_run, work):
+    return fit(_cfg(work, "fm-job", "train.epochs=4"))
+
+
+def test_finished_job_started_with_more_epochs_continues(extended_run, killed_run, work):
+    first, _ = killed_run
+    assert extended_run.mlflow_run_id == first.mlflow_run_id
+    assert extended_run.metrics["epoch"] == 4
+    assert [s for s, _ in _history(first.mlflow_run_id, "val_loss", work["uri"])] == [1, 2, 3, 4]
+    state = load_state(extended_run.checkpoint_path)
+    assert state["global_step"] == 4 * (1024 // (2 * 64))  # one more epoch of steps, not four
+
+
+def test_finetune_bf16_new_class_count_frozen_backbone(extended_run, work):
+    source = extended_run.checkpoint_path
+    with pytest.raises(UserError, match="1×28² inputs.*3×224²"):  # caught before any worker starts
+        fit(_cfg(work, "three-bad", f"train.init_from={source}", shards=work["three"]))
+    res = fit(_cfg(work, "three-ft", "train.epochs=2", "train.precision=bf16", "run.checkpoints_to_keep=2",
+                   f"train.init_from={source}", "train.freeze_backbone_epochs=1", "train.batch_size=16",
+                   "optim.lr=0.01", "data.preset=mnist", shards=work["three"]))
+    assert res.metrics["epoch"] == 2 and res.metrics["val_top1"] > 1 / 3
+    src = load_state(source)["model"]
+    ckpts = [p for p in Path(res.storage_dir).glob("checkpoint_*") if p.is_dir()]
+    ckpts.sort(key=lambda p: load_state(p)["epoch"])
+    after_frozen, after_free = (load_state(p)["model"] for p in ckpts)
+    assert after_frozen["head.weight"].shape == (3, 128)
+    assert torch.equal(after_frozen["features.0.weight"], src["features.0.weight"])  # frozen in epoch 1
+    assert torch.equal(after_frozen["fc.0.weight"], src["fc.0.weight"])
+    assert not torch.equal(after_free["features.0.weight"], src["features.0.weight"])  # trains in epoch 2
+    assert load_meta(ckpts[-1])["classes"] == ["dark", "light", "mid"]  # imagefolder: sorted names

@@ -60,7 +60,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "|---|---|---|---|---:|---:|---:|---|",
     ]
     for r in payload["results"]:
-        params = ", ".join(f"{k}={v}" for k, v in sorted(r.get("params", {}).items()))
+        params = ", ".join(f"{k}={v}" for k, v in sorted(r.get("params", {}).items())
+                           if k not in ("scaling", "series"))  # plot bookkeeping, kept in the JSON
         lines.append(
             f"| {r['stage']} | {r['case']} | {r['role']} | {r['unit']} | {_fmt(r['median'])} | "
             f"±{r['spread'] * 100:.0f}% | {len(r['values'])} | {params} |"
@@ -125,7 +126,7 @@ def plot_scaling(payload: dict[str, Any], path: Path) -> Path | None:
     series: dict[tuple[str, str, str], list[tuple[float, float]]] = defaultdict(list)
     for r in payload["results"]:
         p = r.get("params", {})
-        if "scaling" in p:
+        if "scaling" in p and r["unit"] != "fraction":
             series[(r["stage"], p.get("series", r["case"]), r["unit"])].append((float(p["scaling"]), r["median"]))
     if not series:
         return None

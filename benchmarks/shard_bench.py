@@ -38,7 +38,7 @@ def _files(root: Path) -> list[Path]:
 
 def run(*, quick: bool = False, workdir: Path | None = None, workers: list[int] | None = None) -> list[Result]:
     """Measure every case; returns one images/s and one MB/s ``Result`` per case."""
-    n, repeats = (60, 2) if quick else (1000, 3)
+    n, repeats = (60, 1) if quick else (1000, 3)
     cores = len(os.sched_getaffinity(0))
     workers = workers or sorted({1, min(2, cores)})
     own_tmp = workdir is None

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from _proc import descendants
 
 pytestmark = pytest.mark.slow
 
@@ -39,26 +40,9 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid, rest = stat.read_text().split(" (", 1)
-            ppid = int(rest.rsplit(") ", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(pid))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM the head and everything it started, then SIGKILL what is left."""
-    pids = _descendants(proc.pid) + [proc.pid]
+    pids = descendants(proc.pid) + [proc.pid]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:

@@ -25,6 +25,7 @@ from pipeline.train.config import load_config
 from pipeline.train.launch import fit
 from pipeline.train.tracking import RUN_KEY_TAG
 from conftest import make_label_folder
+from _proc import descendants
 
 pytestmark = pytest.mark.slow
 
@@ -53,29 +54,11 @@ def _cfg(work, name: str, *extra: str, shards: Path | None = None):
     ])
 
 
-def _descendants(root: int) -> list[int]:
-    """Process ids below ``root`` (from /proc): only processes this test started can be chosen."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid, rest = stat.read_text().split(" (", 1)
-            ppid = int(rest.rsplit(") ", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(pid))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _kill_a_worker_after_first_checkpoint(storage: Path, killed: list[int], stop: threading.Event) -> None:
     """Chaos: once epoch 1's checkpoint exists, SIGKILL one Ray Train worker started by this test process."""
     while not stop.is_set():
         if any(p.is_dir() for p in storage.glob("checkpoint_*")):
-            for pid in _descendants(os.getpid()):
+            for pid in descendants(os.getpid()):
                 try:
                     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
                 except OSError:

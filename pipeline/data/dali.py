@@ -47,9 +47,8 @@ class DaliLoader(LoaderBase):
 
     def __init__(self, plan: SplitPlan, preset: Preset, *, train: bool, device: str, seed: int,
                  classes: list[str], num_threads: int, with_keys: bool = False) -> None:
-        super().__init__(plan, preset_name=preset.name, train=train, seed=seed, classes=classes,
+        super().__init__(plan, preset=preset, train=train, seed=seed, classes=classes,
                          with_keys=with_keys)
-        self._preset_def = preset
         self.device = device  # "cpu" | "gpu"
         self.num_threads = num_threads
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.presets import Preset
 from pipeline.errors import UserError
 
 PAD_LABEL = -1  # val padding: cross-entropy ignore_index and metric masks skip it
@@ -188,10 +189,11 @@ class LoaderBase:
 
     backend: str = ""
 
-    def __init__(self, plan: SplitPlan, *, preset_name: str, train: bool, seed: int, classes: list[str],
+    def __init__(self, plan: SplitPlan, *, preset: Preset, train: bool, seed: int, classes: list[str],
                  with_keys: bool = False) -> None:
         self.plan = plan
-        self.preset = preset_name
+        self.preset = preset.name  # the contract's attribute: the preset's name
+        self._preset_def = preset
         self.train = train
         self.seed = seed
         self.classes = list(classes)

@@ -158,9 +158,8 @@ class TorchLoader(LoaderBase):
 
     def __init__(self, plan: SplitPlan, preset: Preset, *, train: bool, device: str, seed: int,
                  classes: list[str], num_workers: int, with_keys: bool = False) -> None:
-        super().__init__(plan, preset_name=preset.name, train=train, seed=seed, classes=classes,
+        super().__init__(plan, preset=preset, train=train, seed=seed, classes=classes,
                          with_keys=with_keys)
-        self._preset_def = preset
         self.device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
         # More workers than batches would leave some idle with nothing to yield.
         self.num_workers = min(num_workers, plan.batches)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from pipeline.fileio import write_atomic
 
 _ROLE_COLOURS = {"case": "#1f77b4", "baseline": "#ff7f0e", "limit": "#7f7f7f"}
 
@@ -23,17 +24,13 @@ def write_report(payload: dict[str, Any], out_dir: Path, stem: str) -> dict[str,
     }
     paths.update({k: v for k, v in plots.items() if v is not None})
     payload = dict(payload, plots={k: v.name for k, v in paths.items()})
-    paths["json"] = _atomic_write(out_dir / f"{stem}.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    paths["markdown"] = _atomic_write(out_dir / f"{stem}.md", markdown(payload))
+    paths["json"] = _write_text(out_dir / f"{stem}.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    paths["markdown"] = _write_text(out_dir / f"{stem}.md", markdown(payload))
     return paths
 
 
-def _atomic_write(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+def _write_text(path: Path, text: str) -> Path:
+    return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _fmt(x: float) -> str:

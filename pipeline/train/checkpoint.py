@@ -11,8 +11,6 @@ stores as the best checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.fileio import write_atomic
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -40,20 +39,9 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], meta: dict[str
     """Write ``state`` (tensors, dicts, numbers) and ``meta`` (JSON) into ``directory``, atomically per file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic(directory / STATE_FILE, lambda f: torch.save(state, f))
-    _atomic(directory / META_FILE, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
+    write_atomic(directory / STATE_FILE, lambda f: torch.save(state, f))
+    write_atomic(directory / META_FILE, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
     return directory
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _state_path(path: str | Path) -> Path:

@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import FASHION_MNIST as SOURCE
 from benchmarks.common import machine_info
 
-SOURCE = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_SHARDS = Path("benchmarks/data/fashion_mnist")
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS: dict[str, dict[str, float]] = {

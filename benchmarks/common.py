@@ -14,9 +14,13 @@ import platform
 import socket
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 Role = Literal["case", "baseline", "limit"]
+
+# Real Fashion-MNIST idx files from Debian's dataset-fashion-mnist (`make data` installs it).
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 @dataclasses.dataclass

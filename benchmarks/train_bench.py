@@ -24,9 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import Ratio, Result, machine_info, ratio
+from benchmarks.common import FASHION_MNIST, Ratio, Result, machine_info, ratio
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 MODEL = "seed_cnn"
 BATCH = 256
 
@@ -36,9 +35,9 @@ def _shards(workdir: Path, limit: int | None) -> Path:
 
     out = workdir / f"fm-{limit or 'all'}"
     if not (out / "index.json").exists():
-        args = ["shard", str(FMNIST), str(out), "--no-progress"] + (["--limit", str(limit)] if limit else [])
+        args = ["shard", str(FASHION_MNIST), str(out), "--no-progress"] + (["--limit", str(limit)] if limit else [])
         if main(args) != 0:
-            raise RuntimeError(f"sharding {FMNIST} failed")
+            raise RuntimeError(f"sharding {FASHION_MNIST} failed")
     return out
 
 

@@ -1,0 +1,208 @@
+"""One training step, shared by the Ray worker loop and every training benchmark.
+
+Everything a step does lives here, so a benchmark that calls ``TrainStep``
+measures exactly what ``pipeline train`` runs: the batch's device, dtype and
+memory format, batch-level augmentation, autocast, the loss, the scaled
+backward, the frozen backbone, gradient clipping, the optimizer and the
+per-step learning-rate schedule. The step never synchronizes with the device;
+the caller decides when to read the loss (``.item()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.train.checkpoint import unwrap
+from pipeline.train.config import TrainConfig
+
+
+def setup_torch(cfg: TrainConfig, device: torch.device) -> None:
+    """Per-process torch settings: intra-op threads, seeds (torch, NumPy, Python), cuDNN autotune and TF32 on CUDA."""
+    torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def precision_context(name: str, device: torch.device | str) -> tuple[contextlib.AbstractContextManager,
+                                                                       torch.amp.GradScaler, torch.dtype | None]:
+    """The autocast context, GradScaler and input dtype for ``fp32`` / ``bf16`` / ``fp16``, built once per run."""
+    device_type = torch.device(device).type
+    if name == "fp32":
+        ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
+        return ctx, torch.amp.GradScaler(device_type, enabled=False), torch.float32
+    dtype = torch.bfloat16 if name == "bf16" else torch.float16
+    # fp16 has too little range for raw gradients: the scaler keeps them finite. bf16 needs none.
+    scaler = torch.amp.GradScaler(device_type, enabled=name == "fp16")
+    return torch.autocast(device_type, dtype=dtype), scaler, None
+
+
+class WarmupCosine:
+    """Per-step learning rate: linear warmup from ``lr * warmup_start`` to ``lr``, then cosine (or constant)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg, total_steps: int, steps_per_epoch: int) -> None:
+        self.optimizer = optimizer
+        self.lr = cfg.lr
+        self.warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+        self.start = cfg.warmup_start
+        self.cosine = cfg.schedule == "cosine"
+        self.floor = cfg.min_lr
+        self.total = max(total_steps, self.warmup + 1)
+        self.step_num = 0
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (self.start + (1 - self.start) * step / self.warmup)
+        if not self.cosine:
+            return self.lr
+        t = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+        return self.lr * (self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def step(self) -> float:
+        """Set the learning rate for the next optimizer step; returns it."""
+        lr = self.lr_at(self.step_num)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.step_num += 1
+        return lr
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step_num": self.step_num}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step_num = int(state["step_num"])
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weights of convs and linears only: never on norm layers' affine parameters or biases."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+            (no_decay if is_norm or name == "bias" or p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """SGD (momentum, nesterov), Adam or AdamW over ``param_groups``."""
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def augment(x: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Batch-level augmentation on the training device: random horizontal flips, random shifts of ±2 px.
+
+    Tensor ops over the whole batch (no per-sample Python); on the loader's
+    normalised images, the zero padding of a shift is the dataset mean. The
+    random draws come from ``generator`` (a CPU generator, so its state is
+    checkpointed and resumed with the run; the global torch RNG when None).
+    """
+    if mode == "none":
+        return x
+    n = x.shape[0]
+    flip = torch.rand(n, 1, 1, 1, generator=generator) < 0.5
+    if x.device.type == "cuda":
+        flip = flip.pin_memory()
+    x = torch.where(flip.to(x.device, non_blocking=True), x.flip(3), x)
+    if mode == "flip_shift":
+        pad = 2
+        h, w = x.shape[2], x.shape[3]
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()  # CPU: no device sync
+        x = padded[:, :, dy:dy + h, dx:dx + w]
+    return x
+
+
+class TrainStep:
+    """One optimizer step over one batch; built once per run with ``from_config``.
+
+    Attributes the caller may read: ``memory_format``, ``in_dtype``, ``autocast``
+    and ``scaler`` (the evaluation pass and checkpoints use the same ones),
+    ``generator`` (the augmentation's RNG, part of the resumable state) and
+    ``frozen`` (True while the backbone is held still: set it per epoch).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                 device: torch.device, *, precision: str = "fp32", channels_last: bool = False,
+                 augment: str = "none", grad_clip: float | None = None, schedule: WarmupCosine | None = None,
+                 frozen_params: Iterable[nn.Parameter] = (), compile: bool = False, seed: int = 0) -> None:
+        self.model = model
+        self.step_model = torch.compile(model) if compile else model
+        self.optimizer = optimizer
+        self.criterion = criterion
+        self.device = torch.device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.autocast, self.scaler, self.in_dtype = precision_context(precision, self.device)
+        self.augment = augment
+        self.grad_clip = grad_clip
+        self.schedule = schedule
+        self.frozen_params = list(frozen_params)
+        self.frozen = bool(self.frozen_params)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.lr = schedule.lr_at(schedule.step_num) if schedule is not None else optimizer.param_groups[0]["lr"]
+
+    @classmethod
+    def from_config(cls, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    device: torch.device | str, schedule: WarmupCosine | None = None,
+                    frozen_params: Iterable[nn.Parameter] = ()) -> TrainStep:
+        """The step ``cfg`` describes. Moves the model's own module to ``device`` and the memory format
+        (a no-op when the caller already did, e.g. before wrapping it in DDP)."""
+        device = torch.device(device)
+        memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        unwrap(model).to(device, memory_format=memory_format)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing, ignore_index=-1)
+        return cls(model, optimizer, criterion, device, precision=cfg.train.precision,
+                   channels_last=cfg.model.channels_last, augment=cfg.train.augment, grad_clip=cfg.optim.grad_clip,
+                   schedule=schedule, frozen_params=frozen_params, compile=cfg.model.compile,
+                   seed=cfg.train.seed * 1_000_003 + rank)
+
+    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch on the step's device, in its input dtype and memory format (asynchronous copies)."""
+        x = x.to(self.device, dtype=self.in_dtype, non_blocking=True, memory_format=self.memory_format)
+        return x, y.to(self.device, non_blocking=True)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Train on one batch; returns the batch's mean loss, detached and still on the device (no host sync)."""
+        x, y = self.to_device(x, y)
+        x = augment(x, self.augment, self.generator)
+        if self.schedule is not None:
+            self.lr = self.schedule.step()
+        with self.autocast:
+            logits = self.step_model(x)
+        loss = self.criterion(logits.float(), y)
+        self.scaler.scale(loss).backward()
+        if self.frozen:
+            # DDP has already all-reduced these gradients; dropping them makes the optimizer
+            # skip the backbone entirely (no update, no momentum) while the head trains.
+            for p in self.frozen_params:
+                p.grad = None
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+__all__ = ["TrainStep", "WarmupCosine", "augment", "build_optimizer", "param_groups", "precision_context",
+           "setup_torch"]

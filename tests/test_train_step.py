@@ -1,0 +1,146 @@
+"""TrainStep: the one training step the worker loop and the benchmarks share (no Ray)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import from_dict
+from pipeline.train.config import TrainConfig
+from pipeline.train.models import build_model, head_name
+from pipeline.train.step import TrainStep, WarmupCosine, augment, build_optimizer, precision_context, setup_torch
+
+
+def _cfg(**sections) -> TrainConfig:
+    raw = {"model": {"name": "seed_cnn"}, "optim": {"lr": 0.05}, "train": {"batch_size": 8, "seed": 3},
+           "scaling": {"torch_threads": 1}}
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return from_dict(TrainConfig, raw)
+
+
+def _batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model("seed_cnn", 10, 1, 28)
+
+
+def test_step_matches_a_hand_written_sgd_step():
+    cfg = _cfg(optim={"grad_clip": 1.0, "label_smoothing": 0.1})
+    model, ref = _model(), _model()
+    step = TrainStep.from_config(model, build_optimizer(model, cfg.optim), cfg, "cpu")
+    ref_opt = build_optimizer(ref, cfg.optim)
+    for i in range(3):
+        x, y = _batch(seed=i)
+        loss = step(x, y)
+        ref_loss = nn.CrossEntropyLoss(label_smoothing=0.1)(ref(x), y)
+        ref_loss.backward()
+        nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        assert not loss.requires_grad and loss.shape == ()
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=0, atol=0)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        assert p.grad is None  # zero_grad(set_to_none=True)
+
+
+def test_padding_labels_are_ignored():
+    cfg = _cfg()
+    model = _model()
+    step = TrainStep.from_config(model, build_optimizer(model, cfg.optim), cfg, "cpu")
+    x, y = _batch()
+    y[4:] = -1
+    expected = nn.CrossEntropyLoss()(copy.deepcopy(model)(x[:4]), y[:4])
+    torch.testing.assert_close(step(x, y), expected.detach())
+
+
+def test_schedule_steps_once_per_call_and_sets_the_lr():
+    cfg = _cfg(optim={"warmup_epochs": 1.0, "schedule": "cosine"})
+    model = _model()
+    opt = build_optimizer(model, cfg.optim)
+    sched = WarmupCosine(opt, cfg.optim, total_steps=20, steps_per_epoch=4)
+    step = TrainStep.from_config(model, opt, cfg, "cpu", schedule=sched)
+    for i in range(3):
+        step(*_batch(seed=i))
+        assert sched.step_num == i + 1
+        assert step.lr == pytest.approx(sched.lr_at(i))
+        assert opt.param_groups[0]["lr"] == pytest.approx(sched.lr_at(i))
+
+
+def test_frozen_backbone_keeps_still_while_the_head_trains():
+    cfg = _cfg(optim={"momentum": 0.9})
+    model = _model()
+    head = head_name(model) + "."
+    backbone = [p for n, p in model.named_parameters() if not n.startswith(head)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step = TrainStep.from_config(model, build_optimizer(model, cfg.optim), cfg, "cpu", frozen_params=backbone)
+    assert step.frozen
+    step(*_batch())
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == n.startswith(head), n
+    step.frozen = False
+    step(*_batch(seed=1))
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.ndim > 1)
+
+
+def test_channels_last_moves_model_and_batches():
+    cfg = _cfg(model={"channels_last": True})
+    model = _model()
+    step = TrainStep.from_config(model, build_optimizer(model, cfg.optim), cfg, "cpu")
+    assert step.memory_format is torch.channels_last
+    conv = next(p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x, y = step.to_device(*_batch())
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
+    assert torch.isfinite(step(*_batch()))
+
+
+def test_bf16_autocast_on_cpu():
+    autocast, scaler, in_dtype = precision_context("bf16", torch.device("cpu"))
+    assert in_dtype is None and not scaler.is_enabled()
+    cfg = _cfg(train={"precision": "bf16"})
+    model = _model()
+    step = TrainStep.from_config(model, build_optimizer(model, cfg.optim), cfg, "cpu")
+    with step.autocast:
+        assert model(_batch()[0]).dtype == torch.bfloat16
+    loss = step(*_batch())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_augmentation_follows_its_own_generator():
+    cfg = _cfg(train={"augment": "flip_shift"})
+    model = _model()
+    step = TrainStep.from_config(model, build_optimizer(model, cfg.optim), cfg, "cpu")
+    saved = step.generator.get_state()
+    x = torch.arange(2 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4).repeat(16, 1, 1, 1)
+    torch.manual_seed(0)
+    first = augment(x, "flip_shift", step.generator)
+    torch.manual_seed(1)  # the global RNG plays no part
+    step.generator.set_state(saved)
+    torch.testing.assert_close(augment(x, "flip_shift", step.generator), first, rtol=0, atol=0)
+    assert not torch.equal(augment(x, "flip_shift", step.generator), first)
+
+
+def test_setup_torch_threads_and_seeds():
+    import random
+
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    try:
+        setup_torch(_cfg(scaling={"torch_threads": 1}, train={"seed": 11}), torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+        drawn = (torch.rand(1).item(), np.random.rand(), random.random())
+        setup_torch(_cfg(scaling={"torch_threads": 1}, train={"seed": 11}), torch.device("cpu"))
+        assert (torch.rand(1).item(), np.random.rand(), random.random()) == drawn
+    finally:
+        torch.set_num_threads(threads)

@@ -9,8 +9,6 @@ once: the loader pads the last batches with label -1, which every metric skips.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import tempfile
 import time
 from typing import Any
@@ -23,95 +21,8 @@ from pipeline.metrics import ThroughputMeter
 from pipeline.train.checkpoint import load_state, save_checkpoint, unwrap
 from pipeline.train.config import TrainConfig, config_from_dict
 from pipeline.train.models import build_model, head_name, load_backbone
-
-class WarmupCosine:
-    """Per-step learning rate: linear warmup from ``lr * warmup_start`` to ``lr``, then cosine (or constant)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg, total_steps: int, steps_per_epoch: int) -> None:
-        self.optimizer = optimizer
-        self.lr = cfg.lr
-        self.warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-        self.start = cfg.warmup_start
-        self.cosine = cfg.schedule == "cosine"
-        self.floor = cfg.min_lr
-        self.total = max(total_steps, self.warmup + 1)
-        self.step_num = 0
-
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (self.start + (1 - self.start) * step / self.warmup)
-        if not self.cosine:
-            return self.lr
-        t = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
-        return self.lr * (self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t)))
-
-    def step(self) -> float:
-        """Set the learning rate for the next optimizer step; returns it."""
-        lr = self.lr_at(self.step_num)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        self.step_num += 1
-        return lr
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step_num": self.step_num}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step_num = int(state["step_num"])
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weights of convs and linears only: never on norm layers' affine parameters or biases."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
-            (no_decay if is_norm or name == "bias" or p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    """SGD (momentum, nesterov), Adam or AdamW over ``param_groups``."""
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(groups, lr=cfg.lr, betas=cfg.betas)
-
-
-def augment(x: torch.Tensor, mode: str) -> torch.Tensor:
-    """Batch-level augmentation on the training device: random horizontal flips, random shifts of ±2 px.
-
-    Tensor ops over the whole batch (no per-sample Python); on the loader's
-    normalised images, the zero padding of a shift is the dataset mean.
-    """
-    if mode == "none":
-        return x
-    n = x.shape[0]
-    flip = torch.rand(n, 1, 1, 1, device=x.device) < 0.5
-    x = torch.where(flip, x.flip(3), x)
-    if mode == "flip_shift":
-        pad = 2
-        h, w = x.shape[2], x.shape[3]
-        padded = F.pad(x, (pad, pad, pad, pad))
-        dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()  # one shift per batch keeps it a cheap slice
-        x = padded[:, :, dy:dy + h, dx:dx + w]
-    return x
-
-
-def _precision(name: str, device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler,
-                                                         torch.dtype | None]:
-    """The autocast context, GradScaler and input dtype for ``fp32`` / ``bf16`` / ``fp16``, built once."""
-    if name == "fp32":
-        ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
-        return ctx, torch.amp.GradScaler(device.type, enabled=False), torch.float32
-    dtype = torch.bfloat16 if name == "bf16" else torch.float16
-    # fp16 has too little range for raw gradients: the scaler keeps them finite. bf16 needs none.
-    scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
-    return torch.autocast(device.type, dtype=dtype), scaler, None
-
+from pipeline.train.step import (TrainStep, WarmupCosine, augment, build_optimizer, param_groups,
+                                 precision_context, setup_torch)
 
 def _init_weights(model: nn.Module, source: str, tracking_uri: str | None) -> list[str]:
     """Backbone weights from a checkpoint directory/file or an MLflow model URI; returns the head keys replaced."""
@@ -174,25 +85,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.data import make_loader
     from pipeline.data.presets import get_preset
     from pipeline.shard.manifest import read_manifest
+    from pipeline.train.topology import setup_worker
     from pipeline.train.tracking import NullTracker, Tracker
 
     cfg: TrainConfig = config_from_dict(loop_config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     is_main = rank == 0
-    torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
-    torch.manual_seed(cfg.train.seed)
+    cfg, layout = setup_worker(cfg, loop_config)  # fails naming this node if it cannot see the data; prints ranks
     device = ray.train.torch.get_device()
-    use_cuda = device.type == "cuda"
-    if use_cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    setup_torch(cfg, device)
 
     shards = cfg.data.shards
     manifest = read_manifest(shards)
     loader_kw = dict(rank=rank, world_size=world, backend=cfg.data.backend, device=cfg.data.device,
-                     preset=cfg.data.preset, seed=cfg.train.seed)
+                     preset=cfg.data.preset, seed=cfg.train.seed, threads=layout.loader_threads)
     train_loader = make_loader(shards, "train", batch_size=cfg.train.batch_size, **loader_kw)
     val_loader = make_loader(shards, cfg.data.val_split, batch_size=cfg.train.batch_size, **loader_kw)
     num_classes = train_loader.num_classes
@@ -217,11 +124,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"[pipeline] init from {cfg.train.init_from}: backbone loaded, new head ({head})")
 
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
+    model = model.to(device, memory_format=memory_format)  # before DDP wraps it
     head_prefix = head_name(model) + "."
     backbone_params = [p for n, p in model.named_parameters() if not n.startswith(head_prefix)]
     optimizer = build_optimizer(model, cfg.optim)
-    autocast, scaler, in_dtype = _precision(cfg.train.precision, device)
 
     steps_per_epoch = len(train_loader)
     if cfg.train.max_steps_per_epoch:
@@ -229,23 +135,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     schedule = WarmupCosine(optimizer, cfg.optim, cfg.train.epochs * steps_per_epoch, steps_per_epoch)
     start_epoch, global_step = 0, 0
     best = {"metric": cfg.run.keep_best_by, "value": None, "epoch": 0}
+    model = ray.train.torch.prepare_model(model, move_to_device=False)
+    train_step = TrainStep.from_config(model, optimizer, cfg, device, schedule, frozen_params=backbone_params)
+    autocast, scaler, in_dtype = train_step.autocast, train_step.scaler, train_step.in_dtype
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         schedule.load_state_dict(state["schedule"])
         start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
         best = dict(state.get("best", best))
-
-    model = ray.train.torch.prepare_model(model, move_to_device=False)
-    step_model = torch.compile(model) if cfg.model.compile else model
     eval_model = unwrap(model)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing, ignore_index=-1)
 
     tracker: Any = NullTracker()
     if is_main and cfg.tracking.enabled:
         tracker = Tracker(loop_config["tracking_uri"], cfg.tracking.experiment, loop_config.get("artifact_location"))
         tracker.start(loop_config["run_key"], cfg.run.name, cfg.to_dict(),
                       tags={"pipeline.model": cfg.model.name, "pipeline.shards": str(shards)})
+        layout.log(tracker, start_epoch)
         if not tracker.resumed:
             import yaml
 
@@ -263,7 +169,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         t_epoch = time.perf_counter()
         train_loader.set_epoch(epoch)
         model.train()
-        frozen = epoch < cfg.train.freeze_backbone_epochs
+        train_step.frozen = epoch < cfg.train.freeze_backbone_epochs
         meter, window = ThroughputMeter(), ThroughputMeter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
@@ -275,26 +181,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break
             meter.data_ready()
             window.data_ready()
-            x = x.to(device, dtype=in_dtype, non_blocking=True, memory_format=memory_format)
-            y = y.to(device, non_blocking=True)
-            x = augment(x, cfg.train.augment)
-            lr = schedule.step()
-            with autocast:
-                logits = step_model(x)
-            loss = criterion(logits.float(), y)
-            scaler.scale(loss).backward()
-            if frozen:
-                # DDP has already all-reduced these gradients; dropping them makes the optimizer
-                # skip the backbone entirely (no update, no momentum) while the head trains.
-                for p in backbone_params:
-                    p.grad = None
-            if cfg.optim.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach() * y.shape[0]
+            loss = train_step(x, y)
+            lr = train_step.lr
+            loss_sum += loss * y.shape[0]
             seen += y.shape[0]
             global_step += 1
             meter.step_done(y.shape[0])
@@ -319,7 +208,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         val = evaluate(eval_model, val_loader, device, autocast, num_classes, in_dtype, memory_format)
         metrics = {
             "epoch": epoch + 1, "train_loss": train_loss / max(samples, 1), "train_images_per_s": images_per_s,
-            "data_wait_frac": wait / world, "step_time_s": thr.step_time_s, "lr": lr,
+            "world_size": world, "data_wait_frac": wait / world, "step_time_s": thr.step_time_s, "lr": lr,
             "val_loss": val["val_loss"], "val_top1": val["val_top1"], "val_top5": val["val_top5"],
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
@@ -376,5 +265,5 @@ def _log_final(tracker, model: nn.Module, classes: list[str], confusion: torch.T
         tracker.log_model(model, (in_channels, image_size, image_size), "model")
 
 
-__all__ = ["WarmupCosine", "augment", "build_optimizer", "evaluate", "param_groups",
-           "train_loop_per_worker"]
+__all__ = ["TrainStep", "WarmupCosine", "augment", "build_optimizer", "evaluate", "param_groups",
+           "precision_context", "setup_torch", "train_loop_per_worker"]

@@ -42,7 +42,8 @@ def build(config: ShardConfig, *, log: TextIO | None = None) -> BuildReport:
     """Build (or resume) the shards described by ``config`` and write ``index.json`` last."""
     log = log if log is not None else sys.stderr
     t0 = time.perf_counter()
-    listing = list_source(config.source, config.format, config.classes_file)
+    listing = list_source(config.source, config.format, config.classes_file, val_labels=config.val_labels,
+                          class_names_file=config.class_names_file)
     config = dataclasses.replace(config, format=listing.format)
     plans = make_plan(listing, val_fraction=config.val_fraction, seed=config.seed,
                       samples_per_shard=config.samples_per_shard, shard_size=config.shard_size, limit=config.limit)
@@ -78,7 +79,8 @@ def build(config: ShardConfig, *, log: TextIO | None = None) -> BuildReport:
         raise UserError(f"no readable image in {config.source}: all {len(skipped)} inputs were skipped "
                         f"({_reason_counts(skipped)})")
     manifest = build_manifest(source=config.source, fmt=listing.format, options=options,
-                              classes=list(listing.classes), results=ordered, skipped=skipped,
+                              classes=list(listing.classes), class_names=listing.class_names,
+                              results=ordered, skipped=skipped,
                               summary=_summary(listing, ordered, skipped))
     write_json_atomic(config.out_dir / MANIFEST, manifest)
     return BuildReport(manifest, time.perf_counter() - t0, written["shards"], written["samples"],

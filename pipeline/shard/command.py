@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--format", default="auto", help="auto | imagefolder | mnist-idx | cifar10 (default: auto)")
+    p.add_argument("--format", default="auto",
+                   help="auto | imagefolder | mnist-idx | cifar10 | imagenet-tar | imagenet-kaggle (default: auto)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="stratified seeded val split for sources without their own (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the global shuffle (default: 0)")
@@ -43,6 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--executor", default="local", help="local | ray (default: local)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address for --executor ray")
     p.add_argument("--classes", default=None, metavar="FILE", help="class names in label order, one per line")
+    p.add_argument("--val-labels", default=None, metavar="FILE",
+                   help="labels of a flat val folder or ImageNet's val tar: CSV or text lines 'file wnid|index' "
+                        "(default: LOC_val_solution.csv beside SOURCE)")
+    p.add_argument("--class-names", default=None, metavar="FILE",
+                   help="'wnid human name' lines stored in index.json (default: LOC_synset_mapping.txt beside SOURCE)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=run_shard)
 
@@ -61,6 +67,7 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         resize_short=args.resize_short, quality=args.quality, max_pixels=args.max_pixels, check=args.check,
         limit=args.limit,
         executor=args.executor, ray_address=args.ray_address, classes_file=args.classes,
+        val_labels=args.val_labels, class_names_file=args.class_names,
         progress=not args.no_progress,
     )
     if args.workers is not None:

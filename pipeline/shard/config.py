@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-Format = Literal["auto", "imagefolder", "mnist-idx", "cifar10"]
+Format = Literal["auto", "imagefolder", "mnist-idx", "cifar10", "imagenet-tar", "imagenet-kaggle"]
+FORMATS = ("auto", "imagefolder", "mnist-idx", "cifar10", "imagenet-tar", "imagenet-kaggle")
 Executor = Literal["local", "ray"]
 Check = Literal["decode", "header"]
 
@@ -45,11 +46,13 @@ class ShardConfig:
     executor: Executor = "local"
     ray_address: str | None = None
     classes_file: Path | None = None
+    val_labels: Path | None = None  # labels of a flat val folder or ImageNet's val tar
+    class_names_file: Path | None = None  # wnid → human name lines (LOC_synset_mapping.txt)
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.format not in ("auto", "imagefolder", "mnist-idx", "cifar10"):
-            raise ValueError(f"invalid format {self.format!r}; allowed values: auto, imagefolder, mnist-idx, cifar10")
+        if self.format not in FORMATS:
+            raise ValueError(f"invalid format {self.format!r}; allowed values: {', '.join(FORMATS)}")
         if self.executor not in ("local", "ray"):
             raise ValueError(f"invalid executor {self.executor!r}; allowed values: local, ray")
         if self.check not in ("decode", "header"):
@@ -75,8 +78,9 @@ class ShardConfig:
         # Resolved once so Ray tasks on other nodes see the same (shared) absolute paths.
         object.__setattr__(self, "source", Path(self.source).expanduser().absolute())
         object.__setattr__(self, "out_dir", Path(self.out_dir).expanduser().absolute())
-        if self.classes_file is not None:
-            object.__setattr__(self, "classes_file", Path(self.classes_file).expanduser().absolute())
+        for name in ("classes_file", "val_labels", "class_names_file"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).expanduser().absolute())
 
     def output_options(self) -> dict[str, Any]:
         """The options that determine the output bytes (recorded in index.json and the fingerprint).

@@ -11,12 +11,16 @@ from pipeline.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "index.json"
-DEFAULT_PRESETS = {"mnist-idx": "mnist", "cifar10": "cifar", "imagefolder": "imagenet"}
+DEFAULT_PRESETS = {"mnist-idx": "mnist", "cifar10": "cifar", "imagefolder": "imagenet", "imagenet-tar": "imagenet",
+                   "imagenet-kaggle": "imagenet"}
 
 
 def build_manifest(*, source: Path, fmt: str, options: dict[str, Any], classes: list[str],
-                   results: list[Any], skipped: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+                   results: list[Any], skipped: list[dict[str, Any]], summary: dict[str, Any],
+                   class_names: Any = None) -> dict[str, Any]:
     """The index.json document for finished shard ``results`` (in plan order).
+
+    ``class_names``: human names aligned with ``classes`` (stored when known).
 
     Shards whose every input was skipped hold nothing and are left out of the shard lists.
     """
@@ -28,6 +32,7 @@ def build_manifest(*, source: Path, fmt: str, options: dict[str, Any], classes: 
         ]
         splits[split] = {"samples": sum(s["samples"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
                          "shards": shards}
+    names = {"class_names": list(class_names)} if class_names else {}
     return {
         "format_version": FORMAT_VERSION,
         "created_by": f"pipeline {__version__}",
@@ -35,6 +40,7 @@ def build_manifest(*, source: Path, fmt: str, options: dict[str, Any], classes: 
         "options": options,
         "classes": list(classes),
         "num_classes": len(classes),
+        **names,
         "preset": DEFAULT_PRESETS[fmt],
         "splits": splits,
         "skipped": skipped,

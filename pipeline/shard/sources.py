@@ -28,9 +28,10 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 SPLITS = ("train", "val")
+FORMATS = ("auto", "imagefolder", "mnist-idx", "cifar10", "imagenet-tar", "imagenet-kaggle")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Record:
     """One sample of the listing. ``ref`` is a relative path (files) or an index into an array."""
 
@@ -65,6 +66,7 @@ class Listing:
     skipped: tuple[Skip, ...]  # files ignored at listing time (not images by extension)
     lossless: bool  # array sources are stored as PNG, file sources as JPEG
     has_splits: bool
+    class_names: tuple[str, ...] | None = None  # human names aligned with classes (ImageNet's synsets)
 
 
 def make_key(index: int) -> str:
@@ -76,11 +78,16 @@ def make_key(index: int) -> str:
 
 
 def detect_format(path: Path) -> str:
-    """``mnist-idx``, ``cifar10`` or ``imagefolder`` for a source directory; ``UserError`` if none fits."""
+    """The format of a source directory (ImageNet layouts first); ``UserError`` if none fits."""
     if not path.exists():
         raise UserError(f"source not found: {path}")
     if not path.is_dir():
         raise UserError(f"source must be a directory (image folder, MNIST idx files or CIFAR-10 batches): {path}")
+    from pipeline.shard import imagenet
+
+    found = imagenet.detect(path)
+    if found:
+        return found
     if _find_mnist_file(path, "train", "images", required=False):
         return "mnist-idx"
     if _cifar_dir(path) is not None:
@@ -89,7 +96,8 @@ def detect_format(path: Path) -> str:
         return "imagefolder"
     raise UserError(
         f"cannot tell the format of {path}: expected class sub-folders (imagefolder), "
-        "train-images-idx3-ubyte[.gz] (mnist-idx) or data_batch_1..5 + test_batch (cifar10); use --format"
+        "train-images-idx3-ubyte[.gz] (mnist-idx), data_batch_1..5 + test_batch (cifar10), "
+        "ILSVRC2012_img_train.tar (imagenet-tar) or ILSVRC/Data/CLS-LOC (imagenet-kaggle); use --format"
     )
 
 
@@ -108,8 +116,15 @@ def read_classes_file(path: Path) -> tuple[str, ...]:
     return names
 
 
-def list_source(path: Path, fmt: str = "auto", classes_file: Path | None = None) -> Listing:
-    """List a source: detect its format if ``fmt`` is auto, read its classes, enumerate its samples."""
+def list_source(path: Path, fmt: str = "auto", classes_file: Path | None = None, *, val_labels: Path | None = None,
+                class_names_file: Path | None = None) -> Listing:
+    """List a source: detect its format if ``fmt`` is auto, read its classes, enumerate its samples.
+
+    ``val_labels`` labels a flat val folder (ImageNet's); ``class_names_file`` maps class folder
+    names (wnids) to human names.
+    """
+    from pipeline.shard import imagenet
+
     path = Path(path)
     if not path.exists():
         raise UserError(f"source not found: {path}")
@@ -117,7 +132,16 @@ def list_source(path: Path, fmt: str = "auto", classes_file: Path | None = None)
         raise UserError(f"source must be a directory: {path}")
     fmt = detect_format(path) if fmt == "auto" else fmt
     classes = read_classes_file(classes_file) if classes_file is not None else None
-    if fmt == "imagefolder":
+    if val_labels is not None and fmt not in (*imagenet.FORMATS, "imagefolder"):
+        raise UserError(f"--val-labels labels a flat val folder; the {fmt} source has none")
+    if fmt in imagenet.FORMATS:
+        listing = imagenet.list_imagenet(path, fmt, val_labels=val_labels, class_names_file=class_names_file)
+    elif fmt == "imagefolder" and val_labels is not None:
+        if not (path / "train").is_dir() or not (path / "val").is_dir():
+            raise UserError(f"--val-labels needs {path}/train/<class>/ and a flat {path}/val/ folder")
+        listing = imagenet.list_split_tree(path, path / "train", path / "val", fmt=fmt, val_labels=val_labels,
+                                           class_names_file=class_names_file)
+    elif fmt == "imagefolder":
         listing = _list_imagefolder(path, classes)
     elif fmt == "mnist-idx":
         listing = _list_arrays(path, fmt, MnistArrays(path), classes or _mnist_class_names(path))
@@ -125,7 +149,10 @@ def list_source(path: Path, fmt: str = "auto", classes_file: Path | None = None)
         arrays = CifarArrays(path)
         listing = _list_arrays(path, fmt, arrays, classes or arrays.class_names())
     else:
-        raise UserError(f"unknown format {fmt!r}; allowed values: auto, imagefolder, mnist-idx, cifar10")
+        raise UserError(f"unknown format {fmt!r}; allowed values: {', '.join(FORMATS)}")
+    if class_names_file is not None and listing.class_names is None:
+        listing = dataclasses.replace(listing, class_names=imagenet.read_class_names(class_names_file,
+                                                                                     listing.classes))
     if not listing.records:
         raise UserError(f"no images found in {path} (format {fmt})")
     return listing
@@ -372,5 +399,9 @@ def load(fmt: str, root: Path, record: Record) -> bytes | np.ndarray:
     if fmt == "imagefolder":
         with open(Path(root) / str(record.ref), "rb") as f:
             return f.read()
+    if fmt in ("imagenet-tar", "imagenet-kaggle"):
+        from pipeline.shard import imagenet
+
+        return imagenet.load(fmt, root, record)
     part = "train" if record.split == "train" else "test"
     return _arrays(fmt, str(root)).image(part, int(record.ref))

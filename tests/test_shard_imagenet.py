@@ -1,0 +1,172 @@
+"""ImageNet as distributed (the ILSVRC2012 tar of tars, the Kaggle layout, flat val folders) through `pipeline shard`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from _shard_helpers import dir_bytes, read_samples
+from benchmarks.imagenet_gen import generate
+from pipeline.cli import main
+from pipeline.shard.manifest import read_manifest
+
+CLASSES, PER_CLASS, VAL_PER_CLASS = 5, 8, 4
+LAYOUTS = ("folder", "tar", "kaggle")
+FORMATS = {"folder": "imagefolder", "tar": "imagenet-tar", "kaggle": "imagenet-kaggle"}
+
+
+def shard(src: Path, out: Path, *args: str) -> int:
+    return main(["shard", str(src), str(out), "--no-progress", "--workers", "1", "--samples-per-shard", "7", *args])
+
+
+def samples(out: Path, split: str) -> list[dict]:
+    m = read_manifest(out)
+    return [s for sh in m["splits"][split]["shards"] for s in read_samples(out / sh["tar"])]
+
+
+def val_labels(src: Path) -> dict[str, str]:
+    with open(src / "LOC_val_solution.csv", newline="") as f:
+        return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The same generated images in the three layouts, each built with auto-detection."""
+    root = tmp_path_factory.mktemp("imagenet")
+    out = {}
+    for layout in LAYOUTS:
+        src = root / "src" / layout
+        stats = generate(src, layout=layout, num_classes=CLASSES, per_class=PER_CLASS, val_per_class=VAL_PER_CLASS,
+                         seed=3, pool=8)
+        assert shard(src, root / "out" / layout) == 0
+        out[layout] = (src, root / "out" / layout, stats)
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_counts_labels_and_class_names_round_trip(built, layout):
+    src, out, stats = built[layout]
+    m = read_manifest(out)
+    wnids = stats["classes"]
+    assert m["source"]["format"] == FORMATS[layout] and m["classes"] == wnids == sorted(wnids)
+    if layout != "folder":
+        assert m["class_names"] == [f"synthetic class {i}, test synset" for i in range(CLASSES)]
+    assert m["splits"]["train"]["samples"] == CLASSES * PER_CLASS
+    assert m["splits"]["val"]["samples"] == CLASSES * VAL_PER_CLASS
+    assert m["summary"]["class_counts"] == {"train": [PER_CLASS] * CLASSES, "val": [VAL_PER_CLASS] * CLASSES}
+    # ImageNet's oddities (a PNG and CMYK JPEGs under .JPEG names, greyscale) are all stored, as RGB.
+    assert m["skipped"] == [] and m["summary"]["reencoded"] == len(stats["oddities"])
+    for s in samples(out, "train"):
+        wnid = json.loads(s["json"])["source"].split("/")[-2]
+        assert wnids[int(s["cls"])] == wnid
+        assert Image.open(io.BytesIO(s["jpg"])).mode == "RGB"
+    assert main(["verify", str(out)]) == 0
+
+
+def test_tar_of_tars_matches_the_extracted_folder_tree(built):
+    """Same keys, labels and image bytes whether read from the archives or from the extracted files."""
+    (_, tree, _), (_, archives, _), (_, kaggle, _) = built["folder"], built["tar"], built["kaggle"]
+    for split in ("train", "val"):
+        want = {s["__key__"]: (s["cls"], s["jpg"]) for s in samples(tree, split)}
+        assert {s["__key__"]: (s["cls"], s["jpg"]) for s in samples(archives, split)} == want
+        assert {s["__key__"]: (s["cls"], s["jpg"]) for s in samples(kaggle, split)} == want
+
+
+@pytest.mark.parametrize("layout", ["tar", "kaggle"])
+def test_each_val_sample_names_its_source_file(built, layout):
+    src, out, stats = built[layout]
+    truth = val_labels(src)
+    seen = set()
+    for s in samples(out, "val"):
+        source = json.loads(s["json"])["source"]
+        stem = Path(source).stem
+        assert source.endswith(f"val/{stem}.JPEG") and stem.startswith("ILSVRC2012_val_")
+        assert stats["classes"][int(s["cls"])] == truth[stem]
+        seen.add(stem)
+    assert seen == set(truth)
+
+
+def test_kill_9_mid_build_then_resume_gives_identical_bytes(built, tmp_path):
+    src = built["tar"][0]
+    out = tmp_path / "out"
+    # Resizing makes each one-sample shard cost ~10 ms: time enough to kill the build mid-way.
+    args = ["--samples-per-shard", "1", "--resize-short", "64"]
+    cmd = [sys.executable, "-m", "pipeline", "shard", str(src), str(out), "--no-progress", "--workers", "1", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(out.glob(".*.done.json"))) < 2 and proc.poll() is None:
+            time.sleep(0.005)
+        assert proc.poll() is None, "the build ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert not (out / "index.json").exists()
+    assert shard(src, out, *args) == 0
+    clean = tmp_path / "clean"
+    assert shard(src, clean, *args) == 0
+    assert dir_bytes(out) == dir_bytes(clean)
+
+
+def _kaggle_copy(built, tmp_path) -> Path:
+    src = tmp_path / "kaggle"
+    shutil.copytree(built["kaggle"][0], src)
+    return src
+
+
+def test_val_labels_gaps_are_recorded_skips(built, tmp_path, capsys):
+    src = _kaggle_copy(built, tmp_path)
+    lines = (src / "LOC_val_solution.csv").read_text().splitlines()
+    dropped = lines[1].split(",")[0]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join([lines[0], *lines[2:], "ILSVRC2012_val_99999999," + lines[2].split(",")[1]]) + "\n")
+    out = tmp_path / "out"
+    assert shard(src, out, "--val-labels", str(labels)) == 0
+    m = read_manifest(out)
+    assert m["splits"]["val"]["samples"] == CLASSES * VAL_PER_CLASS - 1
+    reasons = {s["source"]: s["reason"] for s in m["skipped"]}
+    assert reasons == {
+        f"ILSVRC/Data/CLS-LOC/val/{dropped}.JPEG": f"unlabelled: no line for {dropped} in labels.csv",
+        "ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_99999999": "missing: labelled in labels.csv but not in the val set",
+    }
+    assert m["summary"]["skipped"] == {"unlabelled": 1, "missing": 1}
+    assert "1 unlabelled, 1 missing" in capsys.readouterr().out
+
+
+def test_unknown_wnid_is_one_clear_error(built, tmp_path, capsys):
+    src = _kaggle_copy(built, tmp_path)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("ILSVRC2012_val_00000001 n09999999\n")
+    assert shard(src, tmp_path / "out", "--val-labels", str(labels)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 1: unknown wnid 'n09999999'" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
+def test_flat_val_folder_with_index_labels(built, tmp_path):
+    """--val-labels for any flat val folder: whitespace text, names without extension, class indices."""
+    src = tmp_path / "flat"
+    shutil.copytree(built["folder"][0] / "train", src / "train")
+    wnids = built["folder"][2]["classes"]
+    lines = []
+    for wnid_dir in sorted((built["folder"][0] / "val").iterdir()):
+        for f in sorted(wnid_dir.iterdir()):
+            (src / "val").mkdir(exist_ok=True)
+            shutil.copy(f, src / "val" / f.name)
+            lines.append(f"{f.stem} {wnids.index(wnid_dir.name)}")
+    (tmp_path / "val.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert shard(src, out, "--val-labels", str(tmp_path / "val.txt")) == 0
+    want = {s["__key__"]: (s["cls"], s["jpg"]) for s in samples(built["folder"][1], "val")}
+    assert {s["__key__"]: (s["cls"], s["jpg"]) for s in samples(out, "val")} == want

@@ -61,7 +61,8 @@ def fmnist_dir() -> Path:
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster (2 CPUs, no dashboard) shared by every test that needs Ray."""
-    ray = pytest.importorskip("ray")
+    import ray  # a hard dependency: a broken install fails the tests that need it
+
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -218,9 +219,24 @@ def test_fashion_mnist_subset(fmnist_dir, tmp_path):
     assert main(["verify", str(out)]) == 0
 
 
-@pytest.mark.parametrize("name", ["000000001.jpg", "123456789.json", "a" * 100, "é.cls"])
+@pytest.mark.parametrize("name", ["000000001.jpg", "123456789.json", "a" * 100, "n01440764_10026.cls"])
 @pytest.mark.parametrize("size", [0, 1, 511, 512, 123_456, 8**11 - 1])
 def test_member_header_is_tarfiles_ustar_header(name, size):
-    from pipeline.shard.write import _member_header_tarfile, member_header
+    """The direct writer (ASCII names up to 100 bytes, sizes below 8**11) against tarfile's own header."""
+    from pipeline.shard.write import member_header
 
-    assert member_header(name, size) == _member_header_tarfile(name, size)
+    assert name.isascii() and len(name) <= 100 and size < 8**11  # the fast path, not its tarfile fallback
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o444, 0, 0, "", ""
+    assert member_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def test_member_header_outside_the_fast_path():
+    """A non-ASCII name goes through tarfile and reads back; what ustar cannot hold is refused, not truncated."""
+    from pipeline.shard.write import member_header
+
+    info = tarfile.TarInfo.frombuf(member_header("é.cls", 3), "utf-8", "strict")
+    assert (info.name, info.size, info.mode, info.mtime) == ("é.cls", 3, 0o444, 0)
+    for name, size in [("a" * 101, 3), ("x.jpg", 8**11)]:
+        with pytest.raises(ValueError):
+            member_header(name, size)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from _shard_helpers import dir_bytes
 from conftest import make_label_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +95,34 @@ def test_progress_prints_plain_lines_when_not_a_tty():
         bar.update(4, 2_000_000)
     line = stream.getvalue().strip()
     assert line.startswith("shard: 4/10 img (40%)") and "img/s" in line and "MB/s" in line and "ETA" in line
+
+
+def test_sigkill_of_a_two_worker_build_then_resume_is_byte_identical(fmnist_dir, tmp_path):
+    """The process-pool build killed as a whole (its process group, as a scheduler or the OOM killer would)
+    mid-way, then rerun: it resumes from the finished shards and ends byte-identical to an unbroken build."""
+    args = [str(fmnist_dir), "--limit", "1500", "--samples-per-shard", "50", "--workers", "2", "--no-progress"]
+    ref = tmp_path / "ref"
+    from pipeline.cli import main
+
+    assert main(["shard", args[0], str(ref), *args[1:]]) == 0
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pipeline", "shard", args[0], str(out), *args[1:]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own group: the kill reaches the pool workers, nothing else
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob(".*.done.json"))) < 3:
+            assert proc.poll() is None, "the build finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = len(list(out.glob(".*.done.json")))
+    assert 3 <= done < 60 and not (out / "index.json").exists()
+    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {done} of 60 shards already done" in resumed.stderr
+    assert dir_bytes(out) == dir_bytes(ref)
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]

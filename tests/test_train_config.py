@@ -152,7 +152,15 @@ def test_checkpoint_roundtrip_weights_only(tmp_path):
     assert load_meta(tmp_path / "ckpt")["classes"] == meta["classes"]
     rebuilt, _ = load_model(tmp_path / "ckpt")
     assert torch.equal(rebuilt.head.weight, model.head.weight)
-    assert unwrap(nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)) is not None
+    # unwrap finds the plain module inside a real DDP wrapper (one-process gloo group) and a compiled one.
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        assert unwrap(ddp) is model and unwrap(torch.compile(ddp)) is model and unwrap(model) is model
+    finally:
+        dist.destroy_process_group()
     with pytest.raises(UserError, match="no checkpoint"):
         load_state(tmp_path / "missing")
 
@@ -199,3 +207,20 @@ def test_tracker_reuses_the_job_run_and_never_repeats_an_epoch(tmp_path):
     assert any("train.epochs: 2 -> 3" in v for v in run.data.tags.values())
     other = Tracker(uri, "exp").start("/storage/other", "other", cfg)
     assert other != run_id
+
+
+def test_evaluate_uses_the_preset_the_checkpoint_recorded(tmp_path):
+    """A model trained with ``data.preset`` overridden (mnist on 3-class RGB shards) is evaluated through it."""
+    from conftest import make_label_folder
+    from pipeline.cli import main
+    from pipeline.train.evaluate import evaluate_model
+
+    src = make_label_folder(tmp_path / "src", ["dark", "light", "mid"], 4)
+    assert main(["shard", str(src), str(tmp_path / "shards"), "--val-fraction", "0.5", "--no-progress"]) == 0
+    model = build_model("seed_cnn", 3, 1, 28)
+    meta = {"model": "seed_cnn", "num_classes": 3, "in_channels": 1, "image_size": 28,
+            "classes": ["dark", "light", "mid"], "preset": "mnist"}
+    save_checkpoint(tmp_path / "ckpt", {"model": model.state_dict(), "epoch": 1}, meta)
+    res = evaluate_model(str(tmp_path / "ckpt"), tmp_path / "shards", "val", batch_size=4, backend="torch",
+                         device="cpu")
+    assert res.samples == 6 and res.classes == ["dark", "light", "mid"] and 0.0 <= res.top1 <= 1.0

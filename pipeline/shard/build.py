@@ -23,7 +23,7 @@ from pipeline.shard.write import ShardResult, read_done, write_json_atomic
 
 PLAN_FILE = ".shard-plan.json"
 _OUR_FILES = re.compile(r"(train|val)-\d{6}\.(tar|idx)|\.(train|val)-\d{6}\.done\.json|index\.json")
-_OUR_TMP = re.compile(r"\.((train|val)-\d{6}\.(tar|idx)|(train|val)-\d{6}\.done\.json|index\.json)\.tmp-\d+")
+_OUR_TMP = re.compile(r"\.((train|val)-\d{6}\.(tar|idx)|\.(train|val)-\d{6}\.done\.json|index\.json)\.tmp-\d+")
 
 
 @dataclasses.dataclass(frozen=True)

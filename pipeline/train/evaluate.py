@@ -73,6 +73,15 @@ def load_for_eval(model_ref: str, num_classes: int, in_channels: int, image_size
     return model
 
 
+def _trained_preset(model_ref: str) -> str | None:
+    """The preset recorded in a checkpoint's meta, or None (MLflow URIs, checkpoints from before it was recorded)."""
+    from pipeline.train.checkpoint import load_meta
+
+    if model_ref.startswith(("runs:/", "models:/", "mlflow-artifacts:/")) or not Path(model_ref).exists():
+        return None
+    return load_meta(model_ref).get("preset")
+
+
 def evaluate_model(model_ref: str, shards: str | Path, split: str = "val", *, batch_size: int = 256,
                    backend: str = "auto", device: str = "auto", precision: str = "fp32") -> EvalResult:
     """Evaluate ``model_ref`` on ``shards``/``split`` in this process."""
@@ -82,7 +91,10 @@ def evaluate_model(model_ref: str, shards: str | Path, split: str = "val", *, ba
 
     if split not in ("train", "val"):
         raise UserError(f"--split {split!r}: allowed values: train, val")
-    loader = make_loader(shards, split, batch_size=batch_size, backend=backend, device=device)
+    # The model sees its inputs through the preset it was trained with (``data.preset`` may have
+    # overridden the shard set's); MLflow models carry no meta and use the shard set's preset.
+    preset = _trained_preset(model_ref)
+    loader = make_loader(shards, split, batch_size=batch_size, backend=backend, device=device, preset=preset)
     channels, size, _ = get_preset(loader.preset).output_shape()
     model = load_for_eval(model_ref, loader.num_classes, channels, size)
     dev = torch.device("cuda" if torch.cuda.is_available() and device != "cpu" else "cpu")

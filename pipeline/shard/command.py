@@ -56,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Recompute checksums, parse every tar and idx, compare counts.")
     v.add_argument("out_dir", metavar="OUT_DIR")
     v.add_argument("--decode", action="store_true", help="also decode every image and check it is RGB")
+    v.add_argument("--workers", type=int, default=None, help="shards checked in parallel (default: CPU count)")
     v.set_defaults(func=run_verify)
 
 
@@ -92,6 +93,8 @@ def run_verify(args: argparse.Namespace) -> int:
     """Entry point of ``pipeline verify``: 0 when every check holds, 1 otherwise."""
     from pipeline.shard.verify import format_report, verify
 
-    problems, counts = verify(args.out_dir, decode=args.decode)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    problems, counts = verify(args.out_dir, decode=args.decode, workers=args.workers)
     print(format_report(problems, counts), file=sys.stderr if problems else sys.stdout)
     return 1 if problems else 0

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
+import os
 import tarfile
+import threading
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +29,44 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(out_dir: str | Path, *, decode: bool = False) -> tuple[list[str], dict[str, int]]:
-    """Check every shard listed in ``out_dir/index.json``.
+def verify(out_dir: str | Path, *, decode: bool = False, workers: int | None = None) -> tuple[list[str], dict[str, int]]:
+    """Check every shard listed in ``out_dir/index.json``, ``workers`` processes at a time (default: the cores).
 
     Returns ``(problems, counts)``: one line per problem naming the file, and the samples
-    found per split. With ``decode``, every image is also decoded and must be RGB.
+    found per split, in manifest order whatever the worker count. With ``decode``, every
+    image is also decoded and must be RGB.
     """
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     num_classes = int(manifest["num_classes"])
     problems: list[str] = []
     counts: dict[str, int] = {}
+    jobs = [(split, shard) for split, info in manifest["splits"].items() for shard in info["shards"]]
+    workers = min(workers or len(os.sched_getaffinity(0)), len(jobs)) or 1
+    args = [(out_dir, shard, num_classes, decode) for _, shard in jobs]
+    if workers == 1:
+        outcomes = [_verify_job(a) for a in args]
+    else:
+        # As in the shard executor: fork unless the caller runs threads.
+        ctx = multiprocessing.get_context("fork" if threading.active_count() == 1 else "forkserver")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            # Shards are large (seconds each at the default size): a small chunk keeps the cores even.
+            outcomes = list(pool.map(_verify_job, args, chunksize=max(1, len(args) // (workers * 16))))
+    found_in: dict[str, int] = {split: 0 for split in manifest["splits"]}
+    for (split, shard), (n, shard_problems) in zip(jobs, outcomes):
+        problems.extend(f"{shard['tar']}: {p}" for p in shard_problems)
+        found_in[split] += n
     for split, info in manifest["splits"].items():
-        found = 0
-        for shard in info["shards"]:
-            n, shard_problems = verify_shard(out_dir, shard, num_classes, decode=decode)
-            problems.extend(f"{shard['tar']}: {p}" for p in shard_problems)
-            found += n
+        found = found_in[split]
         counts[split] = found
         if found != info["samples"]:
             problems.append(f"{split}: {found} samples in shards, index.json says {info['samples']}")
     return problems, counts
+
+
+def _verify_job(args: tuple[Path, dict[str, Any], int, bool]) -> tuple[int, list[str]]:
+    out_dir, shard, num_classes, decode = args
+    return verify_shard(out_dir, shard, num_classes, decode=decode)
 
 
 def verify_shard(out_dir: Path, shard: dict[str, Any], num_classes: int, *, decode: bool = False) -> tuple[int, list[str]]:

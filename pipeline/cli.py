@@ -19,6 +19,9 @@ from pipeline.errors import UserError
 _COMMAND_MODULES = (
     "pipeline.shard.command",  # shard, verify
     "pipeline.train.command",  # train, evaluate
+    "pipeline.train.sweep",  # sweep
+    "pipeline.train.runs",  # runs
+    "pipeline.train.tracking_command",  # tracking sync
     "benchmarks.command",  # bench
 )
 

@@ -1,0 +1,63 @@
+"""``pipeline runs`` on a real MLflow SQLite store: the params that differ, final metrics, sorting."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from pipeline.cli import main
+from pipeline.train.runs import differing_params, format_table, sort_rows
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("cmp", artifact_location=(root / "artifacts").as_uri())
+    for name, lr, top1 in (("a", "0.001", 0.71), ("b", "0.003", 0.83), ("c", "0.01", 0.64)):
+        run = client.create_run(exp, run_name=name)
+        for key, value in (("optim.lr", lr), ("train.epochs", "2"), ("run.name", name)):
+            client.log_param(run.info.run_id, key, value)
+        client.log_metric(run.info.run_id, "val_top1", top1 - 0.2, step=1)
+        client.log_metric(run.info.run_id, "val_top1", top1, step=2)  # the final value is the one shown
+        client.log_metric(run.info.run_id, "val_loss", 1 - top1, step=2)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    client.create_experiment("other")
+    return uri
+
+
+def test_runs_names_the_differing_params_with_final_metrics_best_first(store, capsys):
+    assert main(["runs", "--tracking-uri", store, "--experiment", "cmp", "--sort", "val_top1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "experiment cmp: 3 run(s); params that differ: optim.lr"
+    header = out[1].split()
+    assert header[:4] == ["run", "id", "status", "optim.lr"] and "train.epochs" not in header
+    rows = [line.split() for line in out[2:]]
+    assert [r[0] for r in rows] == ["b", "a", "c"]
+    lr, top1 = header.index("optim.lr"), header.index("val_top1")
+    assert [(r[lr], r[top1]) for r in rows] == [("0.003", "0.8300"), ("0.001", "0.7100"), ("0.01", "0.6400")]
+
+
+def test_runs_user_errors_are_one_line(store, capsys, tmp_path):
+    assert main(["runs", "--tracking-uri", store]) == 2  # two experiments with runs: which one?
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pipeline runs: error: choose an experiment with --experiment NAME; this store has: cmp, other"]
+    assert main(["runs", "--tracking-uri", store, "--experiment", "cmp", "--sort", "train.epochs"]) == 2
+    assert "cannot sort by 'train.epochs'" in capsys.readouterr().err
+    assert main(["runs", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()  # looking does not create a store
+
+
+def test_table_helpers():
+    class Run:  # the two attributes differing_params reads, as MLflow's Run has them
+        def __init__(self, params):
+            self.data = type("D", (), {"params": params})()
+
+    runs = [Run({"a": "1", "b": "x", "c": "2", "run.name": "r1"}), Run({"a": "1", "b": "y", "run.name": "r2"}),
+            Run({"a": "1"})]
+    assert differing_params(runs) == ["b"]  # c: one value where present; run.name is not a setting
+    rows = [{"k": 0.5, "n": "p"}, {"k": None, "n": "q"}, {"k": 0.9, "n": "r"}]
+    assert [r["n"] for r in sort_rows(rows, "k")] == ["p", "r", "q"]  # not a metric: ascending, missing last
+    assert format_table([{"x": 1.23456, "y": None}], ["x", "y"]).splitlines() == ["x       y", "1.2346  -"]

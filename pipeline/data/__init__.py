@@ -38,7 +38,7 @@ class LoaderOptions:
 
 def make_loader(shard_dir: str | Path, split: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
                 backend: str = "auto", device: str = "auto", preset: str | None = None,
-                seed: int = 0) -> LoaderBase:
+                seed: int = 0, threads: int | None = None) -> LoaderBase:
     """Batches of ``split`` from the shards in ``shard_dir`` for one rank of ``world_size``.
 
     Returns an iterable of ``(images, labels)``: images NCHW, normalized, float32
@@ -51,10 +51,12 @@ def make_loader(shard_dir: str | Path, split: str, *, batch_size: int, rank: int
     torch), "dali" or "torch". ``device``: "auto" (GPU if CUDA is available), "gpu"
     (the current CUDA device) or "cpu". ``preset``: None for index.json's, or one of
     ``PRESETS``. Attributes: ``num_samples``, ``padding``, ``backend``, ``preset``,
-    ``num_classes``, ``classes``.
+    ``num_classes``, ``classes``. ``threads``: DALI threads / torch DataLoader workers
+    (None: this process's cores divided among the ranks on this node).
     """
     return build_loader(shard_dir, split, batch_size=batch_size, rank=rank, world_size=world_size,
-                        backend=backend, device=device, preset=preset, seed=seed)
+                        backend=backend, device=device, preset=preset, seed=seed,
+                        options=LoaderOptions(num_threads=threads, num_workers=threads))
 
 
 def build_loader(shard_dir: str | Path, split: str, *, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -36,6 +36,7 @@ class BuildReport:
     written_samples: int
     written_bytes: int
     input_bytes: int
+    tasks_per_node: dict[str, int] = dataclasses.field(default_factory=dict)  # node IP ("local") → shards written
 
 
 def build(config: ShardConfig, *, log: TextIO | None = None) -> BuildReport:
@@ -63,9 +64,10 @@ def build(config: ShardConfig, *, log: TextIO | None = None) -> BuildReport:
     if len(todo) < len(plans):
         print(f"resuming: {len(plans) - len(todo)} of {len(plans)} shards already done", file=log)
     written = dict(shards=0, samples=0, bytes=0, input=0)
+    nodes: Counter = Counter()
     total = sum(len(p.records) for p in todo)
     with Progress(total, desc="shard", enabled=config.progress, stream=log) as bar:
-        for r in run_tasks(todo, config):
+        for r in run_tasks(todo, config, nodes):
             results[r.name] = r
             written["shards"] += 1
             written["samples"] += r.samples
@@ -84,7 +86,7 @@ def build(config: ShardConfig, *, log: TextIO | None = None) -> BuildReport:
                               summary=_summary(listing, ordered, skipped))
     write_json_atomic(config.out_dir / MANIFEST, manifest)
     return BuildReport(manifest, time.perf_counter() - t0, written["shards"], written["samples"],
-                       written["bytes"], written["input"])
+                       written["bytes"], written["input"], dict(sorted(nodes.items())))
 
 
 def _prepare_out_dir(out_dir: Path, fp: str, listing: Listing, options: dict[str, Any]) -> None:
@@ -175,4 +177,6 @@ def format_summary(report: BuildReport) -> str:
                      f"{report.written_bytes / 1e6 / t:.1f} MB/s written ({report.seconds:.1f} s)")
     else:
         lines.append("this run: nothing to do, every shard was already complete")
+    if len(report.tasks_per_node) > 1 or set(report.tasks_per_node) - {"local"}:
+        lines.append("tasks per node: " + ", ".join(f"{n} {c}" for n, c in report.tasks_per_node.items()))
     return "\n".join(lines)

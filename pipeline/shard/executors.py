@@ -1,12 +1,15 @@
 """Run shard tasks: a local process pool or Ray tasks, the same ``write_shard`` either way.
 
-Both yield results as shards finish (any order); the caller orders them by plan.
+Both yield results as shards finish (any order); the caller orders them by plan. Ray
+tasks are spread over the cluster's nodes; ``nodes`` counts the tasks each node ran.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import socket
 import threading
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Iterator
 
@@ -16,13 +19,30 @@ from pipeline.shard.plan import ShardPlan
 from pipeline.shard.write import ShardResult, write_shard
 
 
-def run_tasks(plans: list[ShardPlan], config: ShardConfig) -> Iterator[ShardResult]:
-    """Execute ``write_shard`` for every plan with ``config.executor``; yields results as they finish."""
+def run_tasks(plans: list[ShardPlan], config: ShardConfig, nodes: Counter | None = None) -> Iterator[ShardResult]:
+    """Execute ``write_shard`` for every plan with ``config.executor``; yields results as they finish.
+
+    ``nodes``, when given, counts finished tasks by the node (IP) that ran them.
+    """
+    nodes = Counter() if nodes is None else nodes
     if not plans:
         return iter(())
     if config.executor == "ray":
-        return _run_ray(plans, config)
-    return _run_local(plans, config)
+        return _run_ray(plans, config, nodes)
+    return _count_local(_run_local(plans, config), nodes)
+
+
+def _count_local(results: Iterator[ShardResult], nodes: Counter) -> Iterator[ShardResult]:
+    for r in results:
+        nodes["local"] += 1
+        yield r
+
+
+def _write_on_node(plan: ShardPlan, config: ShardConfig) -> tuple[ShardResult, str]:
+    """``write_shard`` in a Ray task, plus the address of the node it ran on."""
+    import ray.util
+
+    return write_shard(plan, config), ray.util.get_node_ip_address() or socket.gethostname()
 
 
 def _run_local(plans: list[ShardPlan], config: ShardConfig) -> Iterator[ShardResult]:
@@ -46,7 +66,7 @@ def _run_local(plans: list[ShardPlan], config: ShardConfig) -> Iterator[ShardRes
                 fut.cancel()
 
 
-def _run_ray(plans: list[ShardPlan], config: ShardConfig) -> Iterator[ShardResult]:
+def _run_ray(plans: list[ShardPlan], config: ShardConfig, nodes: Counter) -> Iterator[ShardResult]:
     try:
         import ray
     except ImportError:
@@ -57,14 +77,17 @@ def _run_ray(plans: list[ShardPlan], config: ShardConfig) -> Iterator[ShardResul
             ray.init(address=config.ray_address, log_to_driver=False, configure_logging=False)
         except ConnectionError as exc:
             raise UserError(f"cannot connect to Ray at {config.ray_address}: {exc}") from None
-    task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
-    # Shards are large tasks; submitting them all lets Ray schedule across the cluster.
+    # SPREAD: Ray's default packs tasks onto the driver's node while it has free CPUs; shard
+    # tasks are long and I/O-heavy, so spreading them puts every node's disks and cores to work.
+    task = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(_write_on_node)
     pending = [task.remote(p, config) for p in plans]
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                yield ray.get(ref)
+                result, node = ray.get(ref)
+                nodes[node] += 1
+                yield result
     finally:
         for ref in pending:
             ray.cancel(ref)

@@ -111,12 +111,25 @@ class ScalingSection:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only with use_gpu
     torch_threads: int | None = None  # intra-op threads per worker; None = cpus_per_worker
+    # Ray's placement group strategy: PACK fills nodes, SPREAD prefers distinct nodes, STRICT_SPREAD demands them.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    # Elastic: train with any size from min_workers to num_workers; lr scales with the live world size.
+    min_workers: int | None = None
+    resize_check_s: float = 60.0  # elastic: how often a healthy group looks for room to grow
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ValueError("cpus_per_worker must be > 0")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ValueError(f"min_workers must be in 1..num_workers ({self.num_workers}), got {self.min_workers}")
+        if self.resize_check_s <= 0:
+            raise ValueError("resize_check_s must be > 0")
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
 
     def resources_per_worker(self) -> dict[str, float]:
         res = {"CPU": self.cpus_per_worker}

@@ -52,7 +52,8 @@ def _ensure_ray(cfg: TrainConfig) -> None:
         ray.init(log_to_driver=True)  # the cluster of `ray job submit` or an explicit RAY_ADDRESS
         return
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
+    # address="local": a Ray of our own, never a cluster some `ray start` left on this machine.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
              num_gpus=None if cfg.scaling.use_gpu else 0)
 
 
@@ -74,6 +75,15 @@ def _check_init_from(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
                         f"the shards' preset gives {channels}×{size}²: set data.preset to match")
 
 
+def _scaling_config(cfg: TrainConfig, scaling_config_cls):
+    """Ray Train's ScalingConfig: a fixed size, or ``(min_workers, num_workers)`` when elastic."""
+    s = cfg.scaling
+    size = (s.min_workers, s.num_workers) if s.elastic else s.num_workers
+    return scaling_config_cls(num_workers=size, use_gpu=s.use_gpu, resources_per_worker=s.resources_per_worker(),
+                              placement_strategy=s.placement_strategy,
+                              elastic_resize_monitor_interval_s=s.resize_check_s)
+
+
 def fit(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg`` on Ray Train; a job with the same ``run.name`` and storage path resumes from its checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -81,6 +91,7 @@ def fit(cfg: TrainConfig) -> TrainResult:
 
     from pipeline.shard.manifest import read_manifest
     from pipeline.train.loop import train_loop_per_worker
+    from pipeline.train.topology import check_nodes, index_digest
     from pipeline.train.tracking import default_artifact_location, find_job_run, resolve_tracking_uri
 
     cfg = resolve_paths(cfg)
@@ -98,14 +109,15 @@ def fit(cfg: TrainConfig) -> TrainResult:
         "tracking_uri": tracking_uri,
         "artifact_location": artifact_location,
         "run_key": storage_dir,  # identifies the job's MLflow run across restarts
+        "index_sha256": index_digest(cfg.data.shards),  # every worker's node must see this very index.json
     }
     _ensure_ray(cfg)
+    check_nodes(cfg.data.shards, loop_config["index_sha256"], str(cfg.run.storage_path))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=cfg.scaling.resources_per_worker()),
+        scaling_config=_scaling_config(cfg, ScalingConfig),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=str(cfg.run.storage_path),

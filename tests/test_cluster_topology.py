@@ -1,0 +1,91 @@
+"""The node probe, the elastic lr rule and the ScalingConfig mapping, without a cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.train.config import load_config
+from pipeline.train.topology import index_digest, probe, realign_schedule, scale_lr
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, fmnist_dir):
+    from pipeline.cli import main
+
+    out = tmp_path_factory.mktemp("topology") / "fm"
+    assert main(["shard", str(fmnist_dir), str(out), "--limit", "64", "--no-progress"]) == 0
+    return out
+
+
+def test_probe_accepts_a_node_that_sees_the_planned_shards(shard_dir, tmp_path):
+    assert probe(str(shard_dir), index_digest(shard_dir), str(tmp_path / "results")) is None
+    assert (tmp_path / "results").is_dir() and not list((tmp_path / "results").iterdir())  # probe file removed
+
+
+def test_probe_names_what_a_node_cannot_see(shard_dir, tmp_path):
+    digest = index_digest(shard_dir)
+    assert "cannot read" in probe(str(tmp_path / "elsewhere"), digest, str(tmp_path))
+    assert "differs from the one the job was planned with" in probe(str(shard_dir), "0" * 64, str(tmp_path))
+    partial = tmp_path / "partial"
+    shutil.copytree(shard_dir, partial)
+    tar = next(partial.glob("*.tar"))
+    tar.unlink()
+    assert f"cannot read {tar}" in probe(str(partial), digest, str(tmp_path))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
+def test_probe_reports_storage_it_cannot_write(shard_dir, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    assert "cannot write to run.storage_path" in probe(str(shard_dir), index_digest(shard_dir), str(ro))
+
+
+def test_probe_storage_under_a_file_is_reported(shard_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    problem = probe(str(shard_dir), index_digest(shard_dir), str(blocker / "results"))
+    assert problem.startswith(f"cannot write to run.storage_path {blocker / 'results'}")
+
+
+def test_elastic_lr_follows_the_live_world_size():
+    cfg = load_config("fashion_mnist", ["scaling.num_workers=4", "scaling.min_workers=1", "optim.lr=0.4"])
+    assert scale_lr(cfg, 4).optim.lr == pytest.approx(0.4)
+    assert scale_lr(cfg, 2).optim.lr == pytest.approx(0.2)
+    fixed = load_config("fashion_mnist", ["scaling.num_workers=4", "optim.lr=0.4"])
+    assert scale_lr(fixed, 2).optim.lr == pytest.approx(0.4)  # a fixed-size job never changes lr
+
+
+def test_schedule_recounted_in_the_new_world_steps():
+    class Schedule:
+        step_num = 130
+
+    s = Schedule()
+    realign_schedule(s, {"world_size": 2, "epoch": 13}, 1, 19)
+    assert s.step_num == 13 * 19
+    s.step_num = 130
+    realign_schedule(s, {"world_size": 2, "epoch": 13}, 2, 10)
+    assert s.step_num == 130  # same world: the saved count stands
+
+
+def test_scaling_config_maps_placement_and_elastic_size():
+    from ray.train import ScalingConfig
+
+    from pipeline.train.launch import _scaling_config
+
+    cfg = load_config("fashion_mnist", ["scaling.num_workers=3", "scaling.min_workers=1",
+                                        "scaling.placement_strategy=STRICT_SPREAD", "scaling.resize_check_s=5"])
+    sc = _scaling_config(cfg, ScalingConfig)
+    assert sc.num_workers == (1, 3) and sc.placement_strategy == "STRICT_SPREAD"
+    assert sc.elastic_resize_monitor_interval_s == 5
+    assert _scaling_config(load_config("fashion_mnist", ["scaling.num_workers=3"]), ScalingConfig).num_workers == 3
+
+
+def test_bad_scaling_values_are_one_line_errors():
+    with pytest.raises(UserError, match="placement_strategy"):
+        load_config("fashion_mnist", ["scaling.placement_strategy=spread"])
+    with pytest.raises(UserError, match="min_workers"):
+        load_config("fashion_mnist", ["scaling.num_workers=2", "scaling.min_workers=3"])

@@ -15,7 +15,7 @@ from pipeline.train.checkpoint import load_meta, load_model, load_state, save_ch
 from pipeline.train.config import bundled_configs, load_config
 from pipeline.train.loop import WarmupCosine, augment, build_optimizer, param_groups
 from pipeline.train.models import MODEL_NAMES, build_model, load_backbone, replace_head
-from pipeline.train.tracking import Tracker, resolve_tracking_uri
+from pipeline.train.tracking import resolve_tracking_uri
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist", "fashion_mnist_resnet", "cifar10", "imagenet_resnet50"])
@@ -186,27 +186,6 @@ def test_tracking_uri_is_pinned_to_the_launch_directory(tmp_path, monkeypatch):
     assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path}/mlruns.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert resolve_tracking_uri(None, tmp_path) == "http://127.0.0.1:5000"
-
-
-def test_tracker_reuses_the_job_run_and_never_repeats_an_epoch(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
-    cfg = {"train": {"epochs": 2}, "run": {"name": "job"}}
-    first = Tracker(uri, "exp", (tmp_path / "art").as_uri())
-    run_id = first.start("/storage/job", "job", cfg)
-    assert first.log_epoch(1, {"val_loss": 1.0}) and first.log_step(10, {"step_train_loss": 2.0})
-    # A restart (new process, new Tracker) finds the same run and the epochs already logged.
-    again = Tracker(uri, "exp")
-    assert again.start("/storage/job", "job", {"train": {"epochs": 3}, "run": {"name": "job"}}) == run_id
-    assert again.resumed and again.last_epoch == 1 and again.last_step == 10
-    assert not again.log_epoch(1, {"val_loss": 9.0})
-    assert again.log_epoch(2, {"val_loss": 0.5})
-    hist = [(m.step, m.value) for m in again.client.get_metric_history(run_id, "val_loss")]
-    assert sorted(hist) == [(1, 1.0), (2, 0.5)]
-    run = again.client.get_run(run_id)
-    assert run.data.params["train.epochs"] == "2"  # params are immutable; the change is a tag
-    assert any("train.epochs: 2 -> 3" in v for v in run.data.tags.values())
-    other = Tracker(uri, "exp").start("/storage/other", "other", cfg)
-    assert other != run_id
 
 
 def test_evaluate_uses_the_preset_the_checkpoint_recorded(tmp_path):

@@ -5,7 +5,9 @@ tag ``pipeline.run_key``. When a job restarts (worker failure, or the same job
 started again), rank 0 finds its run by that tag and continues it. Metric
 logging is idempotent per step: epochs and global steps already in the run's
 history are not logged again, so an epoch redone after a crash does not appear
-twice.
+twice. Nothing here waits on the tracking server: every record goes through
+``tracking_queue`` (a bounded queue, a spool under the job's storage directory,
+a sender thread with backoff), so a server outage never stalls training.
 
 Metric names (what outside scripts read): ``train_loss``, ``train_images_per_s``,
 ``data_wait_frac``, ``val_loss``, ``val_top1``, ``val_top5`` (fractions 0..1),
@@ -17,16 +19,17 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import flatten
+from pipeline.train.tracking_queue import (EPOCH_METRIC, RECORDS, RUN_KEY_TAG, SPOOL_DIRNAME, STEP_METRIC, MlflowSink,
+                                           Spool, TrackingQueue, find_run, http_env_defaults, read_job,
+                                           write_job)
 
-RUN_KEY_TAG = "pipeline.run_key"
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
-EPOCH_METRIC = "val_loss"  # every epoch logs it; its history says which epochs are done
-STEP_METRIC = "step_train_loss"
 
 
 def resolve_tracking_uri(configured: str | None, cwd: Path | None = None) -> str:
@@ -70,124 +73,223 @@ def ui_hint(tracking_uri: str) -> str:
 
 
 class Tracker:
-    """MLflow logging for one job. Create it on rank 0 only; other ranks use ``NullTracker``."""
+    """MLflow logging for one job through a non-blocking queue. Create it on rank 0 only; others use ``NullTracker``.
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None) -> None:
-        import mlflow
+    No method waits on the tracking server: records go to a bounded queue and a
+    spool under the job's storage directory (``tracking_queue``), and a background
+    thread sends them. ``start`` with the server down returns at once; the run is
+    found or created when the server answers. ``end`` waits at most
+    ``flush_timeout_s`` for the backlog; what is left is sent at the next start of
+    the same job or by ``pipeline tracking sync``.
+    """
 
-        self._mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri)
-        self.client = mlflow.MlflowClient(tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            try:
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
-            except mlflow.exceptions.MlflowException:
-                # Another job created it between our lookup and create.
-                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
-        self.run_id: str | None = None
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None,
+                 flush_timeout_s: float = 30.0) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.artifact_location = artifact_location
+        self.flush_timeout_s = flush_timeout_s
+        self.spool_dir: Path | None = None
+        self.queue: TrackingQueue | None = None
         self.last_epoch = 0
         self.last_step = 0
         self.resumed = False
+        self.final_metrics: dict[str, float] = {}  # the last epoch's, as the registered version's tags
+        self._source_tags: dict[str, str] = {}
+        self._files = 0
 
-    def start(self, run_key: str, run_name: str, config: dict[str, Any], tags: dict[str, str] | None = None) -> str:
-        """Find the job's run by ``run_key`` or create it; log params not yet in the run. Returns the run id."""
-        run = find_run(self.client, self.experiment_id, run_key)
-        if run is None:
-            run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                         tags={RUN_KEY_TAG: run_key, **(tags or {})})
-        else:
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id once the server has answered (None before)."""
+        return read_job(self.spool_dir).get("run_id") if self.spool_dir else None
+
+    def start(self, run_key: str, run_name: str, config: dict[str, Any], tags: dict[str, str] | None = None,
+              datasets: list[dict[str, Any]] | None = None) -> None:
+        """Queue the job's run (found by ``run_key`` or created), its params, tags and dataset inputs.
+
+        Unsent records of an earlier start of this job are sent first, in order.
+        """
+        http_env_defaults()
+        self.spool_dir = spool_dir_for(run_key)
+        spool = Spool(self.spool_dir)
+        self._resume_from(spool)
+        job = read_job(self.spool_dir)
+        write_job(self.spool_dir, {
+            "tracking_uri": self.tracking_uri, "experiment": self.experiment, "run_key": run_key,
+            "run_name": run_name, "artifact_location": self.artifact_location, "tags": dict(tags or {}),
+            "start_ms": job.get("start_ms", int(time.time() * 1000)),
+            **({"run_id": job["run_id"]} if job.get("run_id") else {}),
+        })
+        self.queue = TrackingQueue(spool, MlflowSink(self.spool_dir).send)
+        self._source_tags = {k: str(v) for k, v in (tags or {}).items() if k.startswith("mlflow.source.")}
+        self._put({"t": "begin"})
+        self._put({"t": "tags", "tags": {k: str(v) for k, v in (tags or {}).items()}})
+        self._put({"t": "params", "epoch": self.last_epoch,
+                   "p": {k: _param_str(v) for k, v in flatten(config).items()}})
+        if datasets:
+            self._put({"t": "inputs", "datasets": datasets})
+
+    def _resume_from(self, spool: Spool) -> None:
+        """Epochs and steps already logged by earlier starts of this job (so a redone epoch is not logged twice)."""
+        for rec in spool.records():
             self.resumed = True
-            self.client.update_run(run.info.run_id, status="RUNNING")
-            resumes = int(run.data.tags.get("pipeline.resumes", "0")) + 1
-            self.client.set_tag(run.info.run_id, "pipeline.resumes", str(resumes))
-        self.run_id = run.info.run_id
-        self.last_epoch = _last_step(self.client, self.run_id, EPOCH_METRIC)
-        self.last_step = _last_step(self.client, self.run_id, STEP_METRIC)
-        self._log_params(run, flatten(config))
-        return self.run_id
+            if rec.get("family") == EPOCH_METRIC:
+                self.last_epoch = max(self.last_epoch, rec["step"])
+            elif rec.get("family") == STEP_METRIC:
+                self.last_step = max(self.last_step, rec["step"])
+            elif rec.get("path", "").startswith("files/"):
+                self._files = max(self._files, int(rec["path"].split("/")[1]) + 1)
 
-    def _log_params(self, run, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+    def _put(self, record: dict[str, Any]) -> None:
+        if self.queue is not None:
+            self.queue.put(record)
 
-        existing = run.data.params
-        fresh = [Param(k, _param_str(v)) for k, v in params.items() if k not in existing]
-        # MLflow params are immutable; a restarted job with, say, more epochs records the change as a tag.
-        changed = [f"{k}: {existing[k]} -> {_param_str(v)}" for k, v in params.items()
-                   if k in existing and existing[k] != _param_str(v)]
-        for i in range(0, len(fresh), 100):  # the store's batch limit
-            self.client.log_batch(self.run_id, params=fresh[i:i + 100])
-        if changed:
-            self.client.set_tag(self.run_id, f"pipeline.changed_at_epoch_{self.last_epoch}", "; ".join(changed)[:5000])
+    def backlog(self) -> int:
+        """Records not yet acknowledged by the tracking server."""
+        return self.queue.backlog() if self.queue is not None else 0
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
         """Log one epoch's metrics at ``step=epoch``, unless that epoch is already in the run."""
         if epoch <= self.last_epoch:
             return False
-        self._log(metrics, epoch)
+        self._put({"t": "metrics", "family": EPOCH_METRIC, "step": epoch, "m": _floats(metrics)})
         self.last_epoch = epoch
+        self.final_metrics = _floats(metrics)
         return True
 
     def log_step(self, step: int, metrics: dict[str, float]) -> bool:
         """Log step metrics at the global step, unless that step is already in the run."""
         if step <= self.last_step:
             return False
-        self._log(metrics, step)
+        self._put({"t": "metrics", "family": STEP_METRIC, "step": step, "m": _floats(metrics)})
         self.last_step = step
         return True
 
-    def _log(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Other metrics at ``step`` (no idempotence by step)."""
+        self._put({"t": "metrics", "step": step, "m": _floats(metrics)})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
+        self._put({"t": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    def _file(self, artifact_file: str) -> tuple[Path, str]:
+        """A fresh spool path for an artifact file; returns it and its path relative to the spool."""
+        rel = f"files/{self._files}/{Path(artifact_file).name}"
+        self._files += 1
+        path = self.spool_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path, rel
+
+    def _put_file(self, rel: str, artifact_file: str) -> None:
+        dest = str(Path(artifact_file).parent)
+        self._put({"t": "artifact", "path": rel, "dest": None if dest == "." else dest})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        if self.spool_dir is None:
+            return
+        path, rel = self._file(artifact_file)
+        path.write_text(text, encoding="utf-8")
+        self._put_file(rel, artifact_file)
 
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        import json
+
+        if artifact_file.endswith((".yaml", ".yml")):
+            import yaml
+
+            self.log_text(yaml.safe_dump(data, sort_keys=False), artifact_file)
+        else:
+            self.log_text(json.dumps(data, indent=2), artifact_file)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
-        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        """Copy ``local_dir`` into the spool now (it may be a temporary directory) and queue its upload."""
+        import shutil
+
+        if self.spool_dir is None:
+            return
+        path, rel = self._file(artifact_path)
+        shutil.copytree(local_dir, path)
+        self._put({"t": "artifact", "path": rel, "dest": artifact_path})
 
     def log_figure(self, figure, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        if self.spool_dir is None:
+            return
+        path, rel = self._file(artifact_file)
+        figure.savefig(path)
+        self._put_file(rel, artifact_file)
 
-    def log_model(self, model, input_shape: tuple[int, ...], name: str = "model") -> None:
-        """Log the final model with ``mlflow.pytorch.log_model`` (loads back with ``mlflow.pytorch.load_model``).
+    def log_model(self, model, input_shape: tuple[int, ...], name: str = "model", classes: list[str] | None = None,
+                  register: str | None = None, tags: dict[str, str] | None = None,
+                  version_tags: dict[str, str] | None = None, step: int = 0) -> None:
+        """Save the final model (MLflow pytorch flavor) into the spool and queue it as the run's logged model.
 
-        ``input_shape`` is one image (C, H, W). MLflow 3 stores the model as a
-        ``torch.export`` program traced on a 2-image example, so loading needs no
-        pickle and the batch dimension stays dynamic.
+        ``input_shape`` is one image (C, H, W); the signature says float32
+        ``(-1, C, H, W)`` in, one logit per class out. With ``register``, the
+        model becomes a new version of that registered model, ``version_tags``
+        (default: the last epoch's metrics) on it. The model carries the run's
+        source tags, so MLflow shows the job's command, not the Ray worker's script. Loads back with
+        ``mlflow.pytorch.load_model("models:/<model id>")`` or ``models:/NAME/VERSION``.
         """
-        import inspect
-
         import mlflow.pytorch
         import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
 
+        if self.spool_dir is None:
+            return
+        path, rel = self._file(name)
+        n_out = len(classes) if classes else -1
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape), "images")]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_out), "logits")]))
         example = np.zeros((2, *input_shape), dtype=np.float32)
-        with self._mlflow.start_run(run_id=self.run_id):
-            # MLflow 3 names the model with ``name=``; MLflow 2 used ``artifact_path=``.
-            key = "name" if "name" in inspect.signature(mlflow.pytorch.log_model).parameters else "artifact_path"
-            mlflow.pytorch.log_model(model, **{key: name}, input_example=example,
-                                     pip_requirements=_pip_requirements())
-            # start_run(run_id=…) on exit marks the run FINISHED; the job decides that itself.
-        self.client.update_run(self.run_id, status="RUNNING")
+        metadata = {"classes": list(classes)} if classes else None
+        mlflow.pytorch.save_model(model, str(path), signature=signature, input_example=example,
+                                  pip_requirements=_pip_requirements(), metadata=metadata)
+        version_tags = self.final_metrics if version_tags is None else version_tags
+        self._put({"t": "model", "path": rel, "name": name, "register": register,
+                   "tags": {**self._source_tags, **(tags or {})}, "step": step or self.last_epoch,
+                   "version_tags": {k: str(v) for k, v in version_tags.items()}})
 
-    def end(self, status: str = "FINISHED") -> None:
-        """Mark the run ``FINISHED`` (or ``FAILED``/``KILLED``)."""
-        if self.run_id is not None:
-            self.client.set_terminated(self.run_id, status=status)
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> int:
+        """Mark the run ``FINISHED``/``FAILED``/``KILLED`` (``reason`` as the tag ``pipeline.end_reason``).
+
+        Waits at most ``flush_timeout_s`` for the backlog; returns the records
+        still unsent (kept in the spool for the next start or ``pipeline tracking sync``).
+        """
+        from pipeline.train.sysmetrics import stop_node_monitor
+
+        if self.queue is None:
+            return 0
+        stop_node_monitor(min(self.flush_timeout_s, 10.0))  # this node's last samples before the run ends
+        self._put({"t": "end", "status": status, "reason": reason})
+        left = self.queue.close(self.flush_timeout_s)
+        self.queue = None
+        return left
+
+
+def spool_dir_for(run_key: str) -> Path:
+    """``<run key>/tracking`` for a local storage directory; for a URI (``s3://…``), a local directory."""
+    if "://" in run_key:
+        import re
+        import tempfile
+
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", run_key)
+        return Path(tempfile.gettempdir()) / "pipeline-tracking" / safe
+    return Path(run_key) / SPOOL_DIRNAME
+
+
+def tracking_behind(run_key: str) -> str | None:
+    """One line when the job's tracking records are not all on the server yet, else None."""
+    d = spool_dir_for(run_key)
+    left = Spool(d).unsent() if (d / f"{RECORDS}.jsonl").exists() else 0
+    if not left:
+        return None
+    return (f"tracking is behind: {left} record(s) not yet on the tracking server; they are sent at the next "
+            f"start of this job, or now with: pipeline tracking sync {Path(run_key)}")
+
+
+def _floats(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
 
 
 class NullTracker:
@@ -202,12 +304,9 @@ class NullTracker:
         return lambda *args, **kwargs: None
 
 
-def find_run(client, experiment_id: str, run_key: str):
-    """The run tagged with ``run_key`` in ``experiment_id``, or None (the oldest if, somehow, several)."""
-    escaped = run_key.replace("\\", "\\\\").replace("'", "\\'")
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'",
-                              order_by=["attributes.start_time ASC"], max_results=5)
-    return runs[0] if runs else None
+def job_run_id(run_key: str) -> str | None:
+    """The job's MLflow run id as its spool knows it (no server call; None before the server first answered)."""
+    return read_job(spool_dir_for(run_key)).get("run_id")
 
 
 def find_job_run(tracking_uri: str, experiment: str, run_key: str):
@@ -217,11 +316,6 @@ def find_job_run(tracking_uri: str, experiment: str, run_key: str):
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     return None if exp is None else find_run(client, exp.experiment_id, run_key)
-
-
-def _last_step(client, run_id: str, key: str) -> int:
-    history = client.get_metric_history(run_id, key)
-    return max((m.step for m in history), default=0)
 
 
 def _param_str(v: Any) -> str:
@@ -279,5 +373,6 @@ def confusion_figure(classes: list[str], confusion):
 
 __all__ = [
     "DEFAULT_TRACKING_URI", "NullTracker", "RUN_KEY_TAG", "Tracker", "confusion_figure", "default_artifact_location",
-    "find_job_run", "find_run", "per_class_table", "resolve_tracking_uri", "ui_hint",
+    "find_job_run", "find_run", "job_run_id", "per_class_table", "resolve_tracking_uri", "spool_dir_for",
+    "tracking_behind", "ui_hint",
 ]

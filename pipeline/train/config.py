@@ -163,6 +163,15 @@ class TrackingSection:
     artifact_location: str | None = None  # for new experiments on the local store; None: ./mlartifacts
     log_model: bool = True
     confusion_matrix: bool = True
+    register_model: str | None = None  # registered model name: the final model becomes a new version of it
+    system_metrics_interval_s: float = 10.0  # per-node CPU/memory/disk/network/GPU samples; 0 turns them off
+    flush_timeout_s: float = 30.0  # at the end, wait at most this long for an unreachable tracking server
+
+    def __post_init__(self) -> None:
+        if self.system_metrics_interval_s < 0 or self.flush_timeout_s < 0:
+            raise ValueError("system_metrics_interval_s and flush_timeout_s must be >= 0")
+        if self.register_model is not None and not self.register_model.strip():
+            raise ValueError("register_model must be a non-empty name (or null to not register)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,11 +51,19 @@ class DaliLoader(LoaderBase):
                          with_keys=with_keys)
         self.device = device  # "cpu" | "gpu"
         self.num_threads = num_threads
+        self._it: Any = None
 
     def _epoch_shards(self) -> list[Shard]:
         return epoch_shards(self.plan, shuffle=self.train, seed=self.seed, epoch=self.epoch)
 
-    def _build(self) -> Any:
+    def _backend_state(self) -> dict[str, Any]:
+        # The pipeline checkpoint holds the reader's position and every random operator's state;
+        # before the first and after the last batch, (epoch, batches) says it all.
+        if self._it is None or not 0 < self.position < self.plan.batches:
+            return {}
+        return {"dali": self._it.checkpoints()[0]}
+
+    def _build(self, checkpoint: str | None = None) -> Any:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         shards = self._epoch_shards()
@@ -73,6 +81,7 @@ class DaliLoader(LoaderBase):
             num_threads=self.num_threads,
             device_id=device_id,
             seed=epoch_seed(self.seed, self.epoch),
+            checkpoint=checkpoint,
         )
         outputs = ["images", "labels"] + (["keys"] if self.with_keys else [])
         # FILL with pad_last_batch: full batches only, ceil(ceil(N/W)/B) of them on every rank.
@@ -82,11 +91,12 @@ class DaliLoader(LoaderBase):
         return it
 
     def __iter__(self) -> Iterator[tuple]:
-        it = self._build()
+        first, resume = self._take_resume()
+        it = self._it = self._build(resume.get("dali"))
         batch = self.plan.batch_size
         real = self.plan.real_on_rank
         try:
-            for j in range(self.plan.batches):
+            for j in range(first, self.plan.batches):
                 try:
                     out = next(it)[0]
                 except RuntimeError as exc:
@@ -103,11 +113,13 @@ class DaliLoader(LoaderBase):
                     # Val is read in order, so the slots past this rank's real samples are
                     # pad_last_batch repeats: mark them so metrics count every sample once.
                     labels[max(real - j * batch, 0):] = PAD_LABEL
+                self.position = j + 1
                 if self.with_keys:
                     yield images, labels, _keys(out["keys"])
                 else:
                     yield images, labels
         finally:
+            self._it = None
             del it  # frees the pipeline's threads and buffers before the next epoch builds its own
 
 
@@ -164,7 +176,7 @@ def _parse_cls(cls: Any) -> Any:
 
 def _pipeline(*, paths: list[str], index_paths: list[str], preset: Preset, train: bool, gpu: bool, shard_id: int,
               num_shards: int, with_keys: bool, batch_size: int, num_threads: int, device_id: int | None,
-              seed: int) -> Any:
+              seed: int, checkpoint: bytes | None = None) -> Any:
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(enable_conditionals=False)
@@ -212,5 +224,6 @@ def _pipeline(*, paths: list[str], index_paths: list[str], preset: Preset, train
             return images, labels, info
         return images, labels
 
+    # Checkpointing records the reader's position and every operator's RNG state per iteration.
     return graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                 prefetch_queue_depth=2)
+                 prefetch_queue_depth=2, enable_checkpointing=True, checkpoint=checkpoint)

@@ -200,6 +200,8 @@ class LoaderBase:
         self.num_classes = len(self.classes)
         self.with_keys = with_keys
         self.epoch = 0
+        self.position = 0  # batches of the current epoch handed out so far
+        self._resume: dict[str, Any] | None = None  # a saved position the next iteration starts from
 
     @property
     def num_samples(self) -> int:
@@ -215,8 +217,44 @@ class LoaderBase:
         return self.plan.batches
 
     def set_epoch(self, epoch: int) -> None:
-        """Reseed the train shuffle and augmentation for ``epoch`` (val order never changes)."""
+        """Reseed the train shuffle and augmentation for ``epoch`` (val order never changes).
+
+        A position restored with ``load_state_dict`` survives only if it belongs to ``epoch``.
+        """
         self.epoch = int(epoch)
+        self.position = 0
+        if self._resume is not None and self._resume["epoch"] != self.epoch:
+            self._resume = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank is: epoch and batches handed out, plus what the backend needs to continue
+        exactly there (DALI's pipeline checkpoint; the torch fallback's worker count)."""
+        return {"epoch": self.epoch, "batches": self.position, "rank": self.plan.rank,
+                "world_size": self.plan.world_size, "batch_size": self.plan.batch_size,
+                "backend": self.backend, **self._backend_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at ``state``'s next batch of its epoch, with the same samples in the same order.
+
+        The position is only meaningful for the same rank, world size, batch size and backend;
+        anything else raises ``ValueError`` (the caller restarts the epoch instead).
+        """
+        mine = (self.plan.rank, self.plan.world_size, self.plan.batch_size, self.backend)
+        saved = (state.get("rank"), state.get("world_size"), state.get("batch_size"), state.get("backend"))
+        if saved != mine:
+            raise ValueError(f"loader position saved as rank/world/batch/backend {saved}, this loader is {mine}")
+        self.epoch = int(state["epoch"])
+        self.position = int(state["batches"])
+        self._resume = dict(state) if self.position > 0 else None
+
+    def _backend_state(self) -> dict[str, Any]:
+        return {}
+
+    def _take_resume(self) -> tuple[int, dict[str, Any]]:
+        """(first batch, saved state) for the iteration starting now; the saved position is used once."""
+        resume, self._resume = self._resume or {}, None
+        self.position = int(resume.get("batches", 0))
+        return self.position, resume
 
     def __repr__(self) -> str:
         p = self.plan

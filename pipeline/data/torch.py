@@ -24,6 +24,7 @@ float32 themselves.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import random
 from pathlib import Path
@@ -71,39 +72,57 @@ class _RankStream(IterableDataset):
     """One epoch of one rank, as full batches; each DataLoader worker yields its own run of batches."""
 
     def __init__(self, plan: SplitPlan, preset: Preset, *, train: bool, seed: int, epoch: int,
-                 normalize_in_worker: bool, with_keys: bool) -> None:
+                 normalize_in_worker: bool, with_keys: bool, skip: tuple[int, ...] = (),
+                 rotate: int = 0) -> None:
         super().__init__()
         self.plan, self.preset, self.train = plan, preset, train
         self.seed, self.epoch = seed, epoch
+        self.skip = skip  # batches each worker already handed out this epoch (a resumed epoch)
+        self.rotate = rotate  # which worker's turn it is first (the DataLoader always starts with its worker 0)
         self.normalize_in_worker = normalize_in_worker
         self.with_keys = with_keys
         self.transform = build_transform(preset, train=train)
         self.mode = "RGB" if preset.channels == 3 else "L"
         self._files: dict[Path, Any] = {}
 
+    def worker(self) -> tuple[int, int]:
+        """(this worker's place in the epoch's batch order, workers)."""
+        info = get_worker_info()
+        if info is None:
+            return 0, 1
+        return (info.id + self.rotate) % info.num_workers, info.num_workers
+
     # --- stages, in pipeline order ---------------------------------------------------------
 
-    def split_by_rank_and_worker(self) -> Iterator[tuple[Shard, int, bool]]:
-        """Records ``(shard, index in shard, is_padding)`` this worker reads, in sequence order."""
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    def split_by_rank_and_worker(self) -> Iterator[tuple[Shard, int, bool, int]]:
+        """Records ``(shard, index in shard, is_padding, position)`` this worker reads, in sequence order."""
+        worker, workers = self.worker()
         batches, size = self.plan.batches, self.plan.batch_size
         first, last = batches * worker // workers * size, batches * (worker + 1) // workers * size
         start, stop = self.plan.rank_range
         real = stop - start
         shards = epoch_shards(self.plan, shuffle=self.train, seed=self.seed, epoch=self.epoch)
+        position = first
         for shard, lo, hi in locate(shards, start + first, start + min(last, real)):
             for i in range(lo, hi):
-                yield shard, i, False
+                yield shard, i, False, position
+                position += 1
         if last > real:
             # Padding repeats the rank's last real sample, as DALI's pad_last_batch does.
             (shard, lo, hi), = locate(shards, stop - 1, stop)
             for _ in range(last - max(first, real)):
-                yield shard, lo, True
+                yield shard, lo, True, position
+                position += 1
 
-    def load(self, record: tuple[Shard, int, bool]) -> dict[str, Any]:
+    def skip_consumed(self, records: Iterator[Any]) -> Iterator[Any]:
+        """Drop the records of batches already trained on, after the shuffle and before any decoding."""
+        worker = self.worker()[0]
+        skip = self.skip[worker] * self.plan.batch_size if self.skip else 0
+        return itertools.islice(records, skip, None)
+
+    def load(self, record: tuple[Shard, int, bool, int]) -> dict[str, Any]:
         """Read, decode and transform one sample; errors name the shard and key."""
-        shard, i, pad = record
+        shard, i, pad, position = record
         key, members = read_index(shard.index)[i]
         try:
             data = self._read(shard.tar, members["jpg"] if "jpg" in members else members["png"])
@@ -114,7 +133,15 @@ class _RankStream(IterableDataset):
             log.error("cannot load sample %s of %s: %s", key, shard.tar, exc)
             raise RuntimeError(f"cannot load sample {key} of {shard.tar}: {exc}") from exc
         image = torch.from_numpy(pixels).permute(2, 0, 1) if pixels.ndim == 3 else torch.from_numpy(pixels)[None]
-        return {"image": self.transform(image), "label": PAD_LABEL if pad and not self.train else label, "key": key}
+        if self.train:
+            # Each sample's augmentation is seeded by its place in the epoch, so a resumed epoch
+            # that skips its first batches still crops and flips the rest exactly as before.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((epoch_seed(self.seed, self.epoch) << 24) + (self.plan.rank << 40) + position)
+                image = self.transform(image)
+        else:
+            image = self.transform(image)
+        return {"image": image, "label": PAD_LABEL if pad and not self.train else label, "key": key}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         images = torch.stack([s["image"] for s in samples])
@@ -124,15 +151,14 @@ class _RankStream(IterableDataset):
                 "keys": [s["key"] for s in samples]}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
+        worker = self.worker()[0]
         stages: list[Any] = [self.split_by_rank_and_worker]
         if self.train:
             rng = random.Random(int(np.random.SeedSequence([self.seed, self.epoch, self.plan.rank, worker])
                                     .generate_state(1)[0]))
             # Records are shuffled before loading: the window costs pointers, not decoded images.
             stages.append(wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, rng=rng))
-        stages += [wds.map(self.load), wds.batched(self.plan.batch_size, collation_fn=self.collate, partial=False)]
+        stages += [self.skip_consumed, wds.map(self.load), wds.batched(self.plan.batch_size, collation_fn=self.collate, partial=False)]
         try:
             yield from wds.DataPipeline(*stages)
         finally:
@@ -164,15 +190,21 @@ class TorchLoader(LoaderBase):
         # More workers than batches would leave some idle with nothing to yield.
         self.num_workers = min(num_workers, plan.batches)
 
+    def _backend_state(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers}  # the worker split fixes each worker's shuffle
+
     def __iter__(self) -> Iterator[tuple]:
         gpu = self.device.type == "cuda"
+        first, resume = self._take_resume()
+        workers = int(resume.get("num_workers", self.num_workers))
         stream = _RankStream(self.plan, self._preset_def, train=self.train, seed=self.seed, epoch=self.epoch,
-                             normalize_in_worker=not gpu, with_keys=self.with_keys)
-        # A seeded generator makes the workers' augmentation seeds a function of (seed, epoch).
+                             normalize_in_worker=not gpu, with_keys=self.with_keys,
+                             **_resume_split(first, self.plan.batches, max(workers, 1)))
+        # A seeded generator makes the workers' seeds a function of (seed, epoch).
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=gpu,
-                            generator=generator, prefetch_factor=2 if self.num_workers else None)
-        count = 0
+        loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=gpu,
+                            generator=generator, prefetch_factor=2 if workers else None)
+        count = first
         for batch in loader:
             images, labels = batch["images"], batch["labels"]
             if gpu:
@@ -180,5 +212,24 @@ class TorchLoader(LoaderBase):
                 images = normalize(images.to(self.device, non_blocking=True), self._preset_def, torch.float16)
                 labels = labels.to(self.device, non_blocking=True)
             count += 1
+            self.position = count
             yield (images, labels, batch["keys"]) if self.with_keys else (images, labels)
         assert count == self.plan.batches, (count, self.plan.batches)
+
+
+def _resume_split(consumed: int, batches: int, workers: int) -> dict[str, Any]:
+    """Batches each DataLoader worker had handed out once ``consumed`` batches came out of the loader,
+    and whose turn is next.
+
+    Worker ``w`` owns the contiguous run ``[batches*w//workers, batches*(w+1)//workers)`` and the
+    DataLoader takes one batch from each worker in turn (workers that ran dry drop out of the turn).
+    """
+    counts = [batches * (w + 1) // workers - batches * w // workers for w in range(workers)]
+    taken = [0] * workers
+    turn = 0
+    for _ in range(min(consumed, batches)):
+        while taken[turn] >= counts[turn]:
+            turn = (turn + 1) % workers
+        taken[turn] += 1
+        turn = (turn + 1) % workers
+    return {"skip": tuple(taken), "rotate": turn}

@@ -4,8 +4,10 @@ The loop marks two points per step: when the batch arrived (``data_ready``) and
 when the step's work was issued (``step_done``). Time between the previous
 ``step_done`` and ``data_ready`` is time spent waiting for data; the rest is
 compute. Clocks are host wall clocks and never synchronize the GPU: on CUDA, the
-step times even out over an epoch because the loop does synchronize at its log
-steps (``.item()``) and at the epoch end, so totals per epoch are accurate.
+step times even out over an epoch because the loop synchronizes at its log
+steps (``.item()``) and at the epoch end; calling ``flush`` right after that
+epoch-end sync books the device's queued work as compute, so totals read after
+it are accurate.
 """
 
 from __future__ import annotations
@@ -82,6 +84,12 @@ class ThroughputMeter:
         self._compute_s += self._mark - self._ready
         self._images += images
         self._steps += 1
+
+    def flush(self) -> None:
+        """The device has just been synchronized: the time since the last step is compute of that step."""
+        now = self._clock()
+        self._compute_s += now - self._mark
+        self._mark = now
 
     def total(self) -> Throughput:
         """Totals since the last ``reset``."""

@@ -9,6 +9,8 @@ once: the loader pads the last batches with label -1, which every metric skips.
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -18,11 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.metrics import ThroughputMeter
-from pipeline.train.checkpoint import load_state, save_checkpoint, unwrap
+from pipeline.train.checkpoint import load_state, unwrap
 from pipeline.train.config import TrainConfig, config_from_dict
+from pipeline.train.console import WorkerConsole
 from pipeline.train.models import build_model, head_name, load_backbone
+from pipeline.train.preempt import Control
+from pipeline.train.state import RunState, best_dir, keep_best, load_rank_file
 from pipeline.train.step import (TrainStep, WarmupCosine, augment, build_optimizer, param_groups,
                                  precision_context, setup_torch)
+
 
 def _init_weights(model: nn.Module, source: str, tracking_uri: str | None) -> list[str]:
     """Backbone weights from a checkpoint directory/file or an MLflow model URI; returns the head keys replaced."""
@@ -77,16 +83,64 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, num_class
     }
 
 
+@dataclasses.dataclass
+class _Worker:
+    """One rank's job, built once by ``_setup``: loaders, model, step, resumable state, tracker."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    train_loader: Any
+    val_loader: Any
+    model: nn.Module  # DDP-wrapped
+    step: TrainStep
+    state: RunState
+    control: Control
+    tracker: Any
+    meta: dict[str, Any]
+    steps_per_epoch: int
+    storage_dir: str
+    console: WorkerConsole
+    checkpoint_s: float = 0.0  # this epoch's time in mid-epoch checkpoints, and how many
+    checkpoints: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. ``loop_config["cfg"]`` is ``TrainConfig.to_dict()`` with absolute paths."""
+    w = _setup(loop_config)
+    try:
+        val: dict[str, Any] = {}
+        for epoch in range(w.state.epoch, w.cfg.train.epochs):
+            meter = _train_epoch(w, epoch)
+            if meter is None:
+                reason = w.control.stop_reason or "stop requested"
+                _say(w, f"stopped at step {w.state.global_step} ({reason}); resubmit the job to continue")
+                w.tracker.end("KILLED", reason=reason)
+                return
+            val = _end_epoch(w, epoch, meter)
+        _finish(w, val)
+    except Exception as exc:
+        w.tracker.end("FAILED", reason=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+
+
+def _setup(loop_config: dict[str, Any]) -> _Worker:
+    """Everything before the first step: data, model, optimizer, step, the restored state, tracking."""
     import ray.train
     import ray.train.torch
 
     from pipeline.data import make_loader
     from pipeline.data.presets import get_preset
     from pipeline.shard.manifest import read_manifest
-    from pipeline.train.topology import setup_worker
-    from pipeline.train.tracking import NullTracker, Tracker
+    from pipeline.train.topology import realign_schedule, setup_worker
+    from pipeline.train.lineage import code_tags, dataset_inputs
+    from pipeline.train.sysmetrics import start_node_monitor
+    from pipeline.train.tracking import NullTracker, Tracker, spool_dir_for
 
     cfg: TrainConfig = config_from_dict(loop_config["cfg"])
     ctx = ray.train.get_context()
@@ -102,21 +156,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                      preset=cfg.data.preset, seed=cfg.train.seed, threads=layout.loader_threads)
     train_loader = make_loader(shards, "train", batch_size=cfg.train.batch_size, **loader_kw)
     val_loader = make_loader(shards, cfg.data.val_split, batch_size=cfg.train.batch_size, **loader_kw)
-    num_classes = train_loader.num_classes
-    classes = list(train_loader.classes)
     in_channels, image_size, _ = get_preset(train_loader.preset).output_shape()
 
-    model = build_model(cfg.model.name, num_classes, in_channels, image_size, cfg.model.dropout)
-    meta = {"model": cfg.model.name, "num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
-            "dropout": cfg.model.dropout, "classes": classes, "preset": train_loader.preset,
-            "shards": str(shards), "run_name": cfg.run.name}
+    model = build_model(cfg.model.name, train_loader.num_classes, in_channels, image_size, cfg.model.dropout)
+    meta = {"model": cfg.model.name, "num_classes": train_loader.num_classes, "in_channels": in_channels,
+            "image_size": image_size, "dropout": cfg.model.dropout, "classes": list(train_loader.classes),
+            "preset": train_loader.preset, "shards": str(shards), "run_name": cfg.run.name}
 
     checkpoint = ray.train.get_checkpoint()
-    state = None
+    saved = rank_saved = None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = load_state(d)
-        model.load_state_dict(state["model"])
+            saved, rank_saved = load_state(d), load_rank_file(d, rank)
+        model.load_state_dict(saved["model"])
     elif cfg.train.init_from:
         replaced = _init_weights(model, cfg.train.init_from, loop_config.get("tracking_uri"))
         if is_main:
@@ -128,124 +180,177 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     head_prefix = head_name(model) + "."
     backbone_params = [p for n, p in model.named_parameters() if not n.startswith(head_prefix)]
     optimizer = build_optimizer(model, cfg.optim)
-
-    steps_per_epoch = len(train_loader)
-    if cfg.train.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    steps_per_epoch = min(len(train_loader), cfg.train.max_steps_per_epoch or len(train_loader))
     schedule = WarmupCosine(optimizer, cfg.optim, cfg.train.epochs * steps_per_epoch, steps_per_epoch)
-    start_epoch, global_step = 0, 0
-    best = {"metric": cfg.run.keep_best_by, "value": None, "epoch": 0}
     model = ray.train.torch.prepare_model(model, move_to_device=False)
-    train_step = TrainStep.from_config(model, optimizer, cfg, device, schedule, frozen_params=backbone_params)
-    autocast, scaler, in_dtype = train_step.autocast, train_step.scaler, train_step.in_dtype
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        schedule.load_state_dict(state["schedule"])
-        start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
-        best = dict(state.get("best", best))
-    eval_model = unwrap(model)
+    step = TrainStep.from_config(model, optimizer, cfg, device, schedule, frozen_params=backbone_params)
+    state = RunState(model, step, train_loader, rank=rank, world_size=world, keep_best_by=cfg.run.keep_best_by)
+    control = Control(storage_dir=loop_config["run_key"], rank=rank, world_size=world,
+                      every_steps=cfg.run.checkpoint_every_steps, every_minutes=cfg.run.checkpoint_every_minutes)
+    restart_note = None
+    if saved is not None:
+        state.load_state_dict(saved)
+        realign_schedule(schedule, saved, world, steps_per_epoch)  # after an elastic resize
+        restart_note = state.load_rank_state(rank_saved)
 
     tracker: Any = NullTracker()
     if is_main and cfg.tracking.enabled:
-        tracker = Tracker(loop_config["tracking_uri"], cfg.tracking.experiment, loop_config.get("artifact_location"))
+        tracker = Tracker(loop_config["tracking_uri"], cfg.tracking.experiment, loop_config.get("artifact_location"),
+                          flush_timeout_s=cfg.tracking.flush_timeout_s)
         tracker.start(loop_config["run_key"], cfg.run.name, cfg.to_dict(),
-                      tags={"pipeline.model": cfg.model.name, "pipeline.shards": str(shards)})
-        layout.log(tracker, start_epoch)
+                      tags={"pipeline.model": cfg.model.name, "pipeline.shards": str(shards),
+                            **code_tags(loop_config.get("code", {})), **loop_config.get("run_tags", {})},
+                      datasets=dataset_inputs(shards, manifest, {"train": "training", cfg.data.val_split: "validation"}))
+        layout.log(tracker, state.epoch)
         if not tracker.resumed:
             import yaml
 
             tracker.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
             tracker.log_dict(manifest, "data/index.json")
-    if is_main:
-        where = f"resuming after epoch {start_epoch}" if state is not None else "starting"
-        print(f"[pipeline] {cfg.run.name}: {where}; {world} worker(s) × batch {cfg.train.batch_size}, "
-              f"{steps_per_epoch} steps/epoch, {train_loader.num_samples} train / {val_loader.num_samples} val, "
-              f"{train_loader.backend} loader on {device}, precision {cfg.train.precision}")
+    if cfg.tracking.enabled:  # this node's CPU/memory/disk/network/GPU series, from its local rank 0
+        start_node_monitor(spool_dir_for(loop_config["run_key"]), ctx.get_local_rank(),
+                           cfg.tracking.system_metrics_interval_s)
+    w = _Worker(cfg, rank, world, device, train_loader, val_loader, model, step, state, control, tracker, meta,
+                steps_per_epoch, loop_config["run_key"], WorkerConsole(loop_config.get("console", "stdout"), is_main))
+    if _agree_any(restart_note is not None, device):
+        # A rank that cannot continue the epoch (another world size, no saved position) makes all restart it.
+        why = restart_note or "another rank cannot continue it"
+        _say(w, f"epoch {state.epoch + 1} restarts from its first batch ({why}); its first "
+                f"{state.step_in_epoch} steps are trained again under new step numbers")
+        state.restart_epoch()
+    where = ("starting" if saved is None else f"resuming at epoch {state.epoch + 1} step {state.step_in_epoch}"
+             if state.step_in_epoch else f"resuming after epoch {state.epoch}")
+    _say(w, f"{cfg.run.name}: {where}; {world} worker(s) × batch {cfg.train.batch_size}, {steps_per_epoch} "
+            f"steps/epoch, {train_loader.num_samples} train / {val_loader.num_samples} val, "
+            f"{train_loader.backend} loader on {device}, precision {cfg.train.precision}")
+    return w
 
-    val: dict[str, Any] = {}
-    log_every = cfg.train.log_every_steps
-    for epoch in range(start_epoch, cfg.train.epochs):
-        t_epoch = time.perf_counter()
-        train_loader.set_epoch(epoch)
-        model.train()
-        train_step.frozen = epoch < cfg.train.freeze_backbone_epochs
-        meter, window = ThroughputMeter(), ThroughputMeter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
-        lr = schedule.lr_at(schedule.step_num)
-        meter.start()
-        window.start()
-        for step, (x, y) in enumerate(train_loader):
-            if step >= steps_per_epoch:
-                break
-            meter.data_ready()
-            window.data_ready()
-            loss = train_step(x, y)
-            lr = train_step.lr
-            loss_sum += loss * y.shape[0]
-            seen += y.shape[0]
-            global_step += 1
-            meter.step_done(y.shape[0])
-            window.step_done(y.shape[0])
-            if global_step % log_every == 0:
-                step_loss = loss.item()  # host sync: only every log_every steps
-                w = window.total()
-                tracker.log_step(global_step, {"step_train_loss": step_loss, "step_lr": lr,
-                                               "step_images_per_s": w.images_per_s * world})
-                if is_main:
-                    print(f"[pipeline] epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {step_loss:.4f} "
-                          f"lr {lr:.3g} {w.images_per_s * world:.0f} img/s data-wait {w.data_wait_frac:.0%}")
-                window.reset()
-                window.start()
 
-        # Train loss over all ranks; images/s over all ranks (each rank reports its own rate).
-        thr = meter.total()
-        agg = _all_reduce_(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device),
-                                        torch.tensor(thr.images_per_s, dtype=torch.float64, device=device),
-                                        torch.tensor(thr.data_wait_frac, dtype=torch.float64, device=device)]))
-        train_loss, samples, images_per_s, wait = agg.tolist()  # host sync: once per epoch
-        val = evaluate(eval_model, val_loader, device, autocast, num_classes, in_dtype, memory_format)
-        metrics = {
-            "epoch": epoch + 1, "train_loss": train_loss / max(samples, 1), "train_images_per_s": images_per_s,
-            "world_size": world, "data_wait_frac": wait / world, "step_time_s": thr.step_time_s, "lr": lr,
-            "val_loss": val["val_loss"], "val_top1": val["val_top1"], "val_top5": val["val_top5"],
-            "epoch_time_s": time.perf_counter() - t_epoch,
-        }
-        score = metrics[best["metric"]]
-        higher_is_better = best["metric"] == "val_top1"
-        improved = best["value"] is None or (score > best["value"] if higher_is_better else score < best["value"])
-        if improved:
-            best = {"metric": best["metric"], "value": score, "epoch": epoch + 1}
-        train_state = {
-            "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "schedule": schedule.state_dict(), "epoch": epoch + 1, "global_step": global_step, "best": best,
-        }
-        ckpt_meta = {**meta, "epoch": epoch + 1, "metrics": {k: v for k, v in metrics.items() if k != "epoch"}}
-        if is_main:
-            print(f"[pipeline] epoch {epoch + 1}/{cfg.train.epochs}: train_loss {metrics['train_loss']:.4f} "
-                  f"val_loss {metrics['val_loss']:.4f} val_top1 {metrics['val_top1']:.4f} "
-                  f"val_top5 {metrics['val_top5']:.4f} {images_per_s:.0f} img/s "
-                  f"data-wait {metrics['data_wait_frac']:.0%} ({metrics['epoch_time_s']:.1f} s)")
-            with tempfile.TemporaryDirectory(prefix="pipeline-ckpt-") as tmp:
-                save_checkpoint(tmp, train_state, ckpt_meta)
-                # The checkpoint is persisted before MLflow hears of the epoch: a crash in between
-                # leaves the epoch unlogged rather than logged twice (the resumed run skips it).
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-                tracker.log_epoch(epoch + 1, {k: v for k, v in metrics.items() if k != "epoch"})
-                if improved:
-                    tracker.log_artifacts(tmp, "best_checkpoint")
-        else:
-            ray.train.report(metrics)
+def _train_epoch(w: _Worker, epoch: int) -> ThroughputMeter | None:
+    """Train ``epoch`` from the state's position; checkpoint when due. None when a stop was asked for."""
+    cfg, st = w.cfg, w.state
+    w.train_loader.set_epoch(epoch)
+    w.model.train()
+    w.step.frozen = epoch < cfg.train.freeze_backbone_epochs
+    meter, window = ThroughputMeter(), ThroughputMeter()
+    st.begin_epoch(w.device)
+    w.checkpoint_s, w.checkpoints = 0.0, 0
+    meter.start()
+    window.start()
+    for step, (x, y) in enumerate(w.train_loader, start=st.step_in_epoch):
+        if step >= w.steps_per_epoch:
+            break
+        meter.data_ready()
+        window.data_ready()
+        loss = w.step(x, y)
+        st.add_step(loss, y.shape[0])
+        meter.step_done(y.shape[0])
+        window.step_done(y.shape[0])
+        w.console.step(epoch + 1, cfg.train.epochs, step + 1, w.steps_per_epoch)  # the TTY bar; ≤ 2 sends/s
+        if st.global_step % cfg.train.log_every_steps == 0:
+            _log_step(w, epoch, step, loss, window)
+        due, stop = w.control.poll(st.global_step)
+        if stop or (due and st.step_in_epoch < w.steps_per_epoch):  # an epoch's end checkpoints anyway
+            t0 = time.perf_counter()
+            _checkpoint(w, {"epoch": st.epoch, "global_step": st.global_step, "step_in_epoch": st.step_in_epoch})
+            w.checkpoint_s, w.checkpoints = w.checkpoint_s + time.perf_counter() - t0, w.checkpoints + 1
+        if stop:
+            return None
+    return meter
+
+
+def _log_step(w: _Worker, epoch: int, step: int, loss: torch.Tensor, window: ThroughputMeter) -> None:
+    step_loss = loss.item()  # host sync: only every log_every_steps
+    lr, rate = w.step.lr, window.total()
+    w.tracker.log_step(w.state.global_step, {"step_train_loss": step_loss, "step_lr": lr,
+                                             "step_images_per_s": rate.images_per_s * w.world})
+    w.console.step(epoch + 1, w.cfg.train.epochs, step + 1, w.steps_per_epoch, {
+        "loss": step_loss, "lr": lr, "images_per_s": rate.images_per_s * w.world,
+        "data_wait_frac": rate.data_wait_frac})
+    window.reset()
+    window.start()
+
+
+def _end_epoch(w: _Worker, epoch: int, meter: ThroughputMeter) -> dict[str, Any]:
+    """Epoch figures over all ranks, validation, the epoch checkpoint, MLflow; returns the validation result."""
+    st, device = w.state, w.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # host sync: once per epoch, so the meter's clock covers the queued work
+    meter.flush()
+    thr = meter.total()
+    # Train loss over all ranks; images/s over all ranks (each rank reports its own rate).
+    agg = _all_reduce_(torch.stack([st.loss_sum, torch.tensor(float(st.seen), dtype=torch.float64, device=device),
+                                    torch.tensor(thr.images_per_s, dtype=torch.float64, device=device),
+                                    torch.tensor(thr.data_wait_frac, dtype=torch.float64, device=device)]))
+    train_loss, samples, images_per_s, wait = agg.tolist()
+    t_eval = time.perf_counter()
+    val = evaluate(unwrap(w.model), w.val_loader, device, w.step.autocast, w.train_loader.num_classes,
+                   w.step.in_dtype, w.step.memory_format)
+    metrics = {
+        "epoch": epoch + 1, "train_loss": train_loss / max(samples, 1), "train_images_per_s": images_per_s,
+        "world_size": w.world, "data_wait_frac": wait / w.world, "step_time_s": thr.step_time_s, "lr": w.step.lr,
+        "val_loss": val["val_loss"], "val_top1": val["val_top1"], "val_top5": val["val_top5"],
+        "epoch_time_s": thr.total_s + time.perf_counter() - t_eval,
+        "checkpoint_s": w.checkpoint_s / max(w.checkpoints, 1), "checkpoints": w.checkpoints,  # mid-epoch ones
+    }
+    improved = st.end_epoch(metrics)
+    w.console.epoch(epoch + 1, w.cfg.train.epochs, metrics)
+    # The checkpoint is persisted before MLflow hears of the epoch: a crash in between
+    # leaves the epoch unlogged rather than logged twice (the resumed run skips it).
+    tmp = _checkpoint(w, metrics, keep=True)
+    w.tracker.log_epoch(epoch + 1, {k: v for k, v in metrics.items() if k != "epoch"})
+    if w.is_main and improved:
+        keep_best(tmp, w.storage_dir)  # uploaded to MLflow once, at the end of the job
+    shutil.rmtree(tmp, ignore_errors=True)
+    return val
+
+
+def _checkpoint(w: _Worker, metrics: dict[str, Any], keep: bool = False) -> str:
+    """Every rank writes its part and reports it: Ray Train merges the ranks' directories into one checkpoint."""
+    import ray.train
+
+    tmp = tempfile.mkdtemp(prefix="pipeline-ckpt-")
+    try:
+        w.state.save(tmp, {**w.meta, "epoch": w.state.epoch, "step_in_epoch": w.state.step_in_epoch,
+                           "metrics": {k: v for k, v in metrics.items() if k != "epoch"}})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    w.control.checkpointed()
+    if not keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _finish(w: _Worker, val: dict[str, Any]) -> None:
+    """Final figures, the best checkpoint and the model to MLflow, the run marked FINISHED."""
+    import ray.train
 
     if not val:
         # Started again with no epochs left: report the current model's figures once, no checkpoint.
-        val = evaluate(eval_model, val_loader, device, autocast, num_classes, in_dtype, memory_format)
-        figures = {k: val[k] for k in ("val_loss", "val_top1", "val_top5")}
-        ray.train.report({"epoch": start_epoch, **figures})
-    if is_main and cfg.tracking.enabled:
-        _log_final(tracker, eval_model, classes, val["confusion"], cfg, in_channels, image_size)
-        tracker.end("FINISHED")
+        val = evaluate(unwrap(w.model), w.val_loader, w.device, w.step.autocast, w.train_loader.num_classes,
+                       w.step.in_dtype, w.step.memory_format)
+        ray.train.report({"epoch": w.state.epoch, **{k: val[k] for k in ("val_loss", "val_top1", "val_top5")}})
+    if w.is_main and w.cfg.tracking.enabled:
+        best = best_dir(w.storage_dir)
+        if best.is_dir():
+            w.tracker.log_artifacts(best, "best_checkpoint")
+        in_channels, image_size = w.meta["in_channels"], w.meta["image_size"]
+        _log_final(w.tracker, unwrap(w.model), w.meta["classes"], val["confusion"], w.cfg, in_channels, image_size)
+        w.tracker.end("FINISHED")
+
+
+def _agree_any(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any."""
+    t = torch.tensor([float(flag)], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())  # host sync: once, at start-up
+
+
+def _say(w: _Worker, line: str) -> None:
+    w.console.line(line)  # rank 0's console; other ranks' consoles are silent
 
 
 def _log_final(tracker, model: nn.Module, classes: list[str], confusion: torch.Tensor, cfg: TrainConfig,
@@ -262,7 +367,8 @@ def _log_final(tracker, model: nn.Module, classes: list[str], confusion: torch.T
     plt.close(fig)
     if cfg.tracking.log_model:
         model = model.float().cpu().eval()
-        tracker.log_model(model, (in_channels, image_size, image_size), "model")
+        tracker.log_model(model, (in_channels, image_size, image_size), cfg.model.name, classes=classes,
+                          register=cfg.tracking.register_model)
 
 
 __all__ = ["TrainStep", "WarmupCosine", "augment", "build_optimizer", "evaluate", "param_groups",

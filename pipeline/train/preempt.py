@@ -1,0 +1,162 @@
+"""Stopping a job cleanly, and deciding on every rank alike when a checkpoint is due.
+
+A stop is asked for with a small file, ``<storage_dir>/STOP``, holding the reason:
+the driver writes it when it gets SIGTERM or SIGINT (``ray job stop`` sends
+SIGTERM to the driver); shared storage is already what every rank checkpoints
+to, so every node can see it. Rank 0 reads it, the ranks agree on it in one
+collective, write a checkpoint at the next step boundary and return; the driver
+then exits non-zero with one line. A resubmitted job removes a leftover file
+before its workers start.
+
+``Control`` makes the per-step decision. Step triggers (``checkpoint_every_steps``)
+are a function of the global step, the same on every rank. Time triggers and
+stop requests come from rank 0's clock and rank 0's view of the stop file, and
+reach the other ranks in a broadcast of three numbers over a CPU (gloo) group,
+so all ranks checkpoint at the same step and call ``ray.train.report`` the same
+number of times. That broadcast runs about once a second, not every step: rank
+0 sets the number of steps to the next one from the measured step time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from pipeline.fileio import write_atomic
+
+STOP_FILE = "STOP"
+CHECK_PERIOD_S = 1.0  # target time between the ranks' agreed checks
+MAX_CHECK_INTERVAL = 1000  # steps
+
+
+def stop_path(storage_dir: str | Path) -> Path:
+    return Path(storage_dir) / STOP_FILE
+
+
+def request_stop(storage_dir: str | Path, reason: str) -> None:
+    """Ask the job's workers to checkpoint at the next step boundary and stop."""
+    path = stop_path(storage_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: f.write(json.dumps({"reason": reason, "time": time.time()}).encode()))
+
+
+def read_stop(storage_dir: str | Path) -> str | None:
+    """The reason of a pending stop request, or None."""
+    try:
+        return str(json.loads(stop_path(storage_dir).read_text(encoding="utf-8"))["reason"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def clear_stop(storage_dir: str | Path) -> None:
+    stop_path(storage_dir).unlink(missing_ok=True)
+
+
+class Control:
+    """At each step boundary: is a checkpoint due, and has a stop been asked for? The same answer on all ranks."""
+
+    def __init__(self, *, storage_dir: str | Path, rank: int, world_size: int, every_steps: int | None,
+                 every_minutes: float | None) -> None:
+        self.storage_dir = storage_dir
+        self.rank, self.world_size = rank, world_size
+        self.every_steps = every_steps
+        self.every_s = every_minutes * 60 if every_minutes else None
+        self.group = None
+        if world_size > 1 and torch.distributed.is_initialized():
+            # Its own CPU group: with NCCL, a host-side flag needs no device sync.
+            self.group = torch.distributed.new_group(backend="gloo")
+        self.stop_reason: str | None = None
+        self._next_check = 0
+        self._last_check: tuple[float, int] | None = None  # (time, step) of the last agreed check
+        self._last_checkpoint = time.monotonic()
+
+    def poll(self, global_step: int) -> tuple[bool, bool]:
+        """(checkpoint due, stop) after ``global_step`` steps; called by every rank at every step."""
+        due = bool(self.every_steps and global_step % self.every_steps == 0)
+        if global_step < self._next_check:
+            return due, False
+        stop, time_due, interval = self._agree(global_step)
+        self._next_check = global_step + interval
+        return due or time_due or stop, stop
+
+    def checkpointed(self) -> None:
+        """A checkpoint was written: the time trigger counts from now."""
+        self._last_checkpoint = time.monotonic()
+
+    def _agree(self, global_step: int) -> tuple[bool, bool, int]:
+        flags = torch.zeros(3, dtype=torch.float64)
+        if self.rank == 0:
+            now = time.monotonic()
+            self.stop_reason = read_stop(self.storage_dir)
+            if self._last_check is None:
+                interval = 1  # no step time measured yet
+            else:
+                t0, s0 = self._last_check
+                step_s = (now - t0) / max(global_step - s0, 1)
+                interval = min(max(int(CHECK_PERIOD_S / max(step_s, 1e-6)), 1), MAX_CHECK_INTERVAL)
+            self._last_check = (now, global_step)
+            flags[0] = self.stop_reason is not None
+            flags[1] = self.every_s is not None and now - self._last_checkpoint >= self.every_s
+            flags[2] = interval
+        if self.group is not None:
+            torch.distributed.broadcast(flags, src=0, group=self.group)  # the group spans all ranks
+        return bool(flags[0]), bool(flags[1]), int(flags[2])
+
+
+@contextmanager
+def stop_on_signals(storage_dir: str | Path, timeout_s: float, enabled: bool = True) -> Iterator[dict[str, str]]:
+    """While the driver waits for the job: SIGTERM/SIGINT ask the workers for a checkpoint and a stop.
+
+    Yields a dict that holds ``"signal"`` once one arrived. If the job has not ended
+    ``timeout_s`` after the signal (plus a little for Ray to return), the driver exits
+    anyway; a second signal exits at once.
+    """
+    got: dict[str, str] = {}
+
+    def handler(signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if got:
+            print(f"[pipeline] {name} again: exiting now without waiting for the checkpoint", file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signum)
+        got["signal"] = name
+        request_stop(storage_dir, f"{name} to the driver")
+        print(f"[pipeline] {name}: checkpointing at the next step, then stopping (up to {timeout_s:.0f} s)",
+              file=sys.stderr, flush=True)
+        threading.Thread(target=_deadline, args=(timeout_s, signum), daemon=True).start()
+
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield got  # signals reach only the main thread; an embedding caller keeps its own handlers
+        return
+    # Replaces the handlers Ray's core installs on the driver, which dump a native stack and abort (exit 134).
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def exit_code(reason: str) -> int:
+    """The shell's code for a job stopped by ``reason`` ("SIGTERM to the driver": 143; SIGINT: 130; else 1)."""
+    name = reason.split()[0] if reason else ""
+    return 128 + signal.Signals[name].value if name in ("SIGTERM", "SIGINT") else 1
+
+
+def _deadline(timeout_s: float, signum: int) -> None:
+    time.sleep(timeout_s + 15.0)  # the workers' budget, plus Ray's time to return their result
+    print(f"[pipeline] stopped without a checkpoint: the job did not stop within {timeout_s:.0f} s of "
+          f"{signal.Signals(signum).name}", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+__all__ = ["Control", "STOP_FILE", "clear_stop", "exit_code", "read_stop", "request_stop", "stop_on_signals", "stop_path"]

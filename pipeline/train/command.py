@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,6 +74,12 @@ def run_train(args: argparse.Namespace) -> int:
     from pipeline.train.launch import fit, summary
 
     result = fit(cfg)
+    if result.stopped:
+        from pipeline.train.preempt import exit_code
+
+        print(f"pipeline train: stopped by {result.stopped} after a checkpoint at {result.checkpoint_path}; "
+              f"run the same command again to continue (--set run.name={result.run_name})", file=sys.stderr)
+        return exit_code(result.stopped)
     print(summary(result))
     return 0
 

@@ -28,6 +28,7 @@ class TrainResult:
     storage_dir: str  # run.storage_path / run.name
     mlflow_run_id: str | None
     tracking_uri: str | None
+    stopped: str | None = None  # why the job stopped early (SIGTERM/SIGINT), after its stop checkpoint
 
 
 def resolve_paths(cfg: TrainConfig, cwd: Path | None = None) -> TrainConfig:
@@ -91,6 +92,7 @@ def fit(cfg: TrainConfig) -> TrainResult:
 
     from pipeline.shard.manifest import read_manifest
     from pipeline.train.loop import train_loop_per_worker
+    from pipeline.train.preempt import clear_stop, read_stop, stop_on_signals
     from pipeline.train.topology import check_nodes, index_digest
     from pipeline.train.tracking import default_artifact_location, find_job_run, resolve_tracking_uri
 
@@ -111,6 +113,8 @@ def fit(cfg: TrainConfig) -> TrainResult:
         "run_key": storage_dir,  # identifies the job's MLflow run across restarts
         "index_sha256": index_digest(cfg.data.shards),  # every worker's node must see this very index.json
     }
+    if "://" not in storage_dir:
+        clear_stop(storage_dir)  # a request left by the previous submission is not for this one
     _ensure_ray(cfg)
     check_nodes(cfg.data.shards, loop_config["index_sha256"], str(cfg.run.storage_path))
     trainer = TorchTrainer(
@@ -125,7 +129,9 @@ def fit(cfg: TrainConfig) -> TrainResult:
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
         ),
     )
-    result = trainer.fit()
+    with stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled="://" not in storage_dir):
+        result = trainer.fit()
+    stopped = read_stop(storage_dir) if "://" not in storage_dir else None
     run = find_job_run(tracking_uri, cfg.tracking.experiment, storage_dir) if tracking_uri else None
     return TrainResult(
         run_name=str(cfg.run.name),
@@ -134,6 +140,7 @@ def fit(cfg: TrainConfig) -> TrainResult:
         storage_dir=storage_dir,
         mlflow_run_id=run.info.run_id if run else None,
         tracking_uri=tracking_uri,
+        stopped=stopped,
     )
 
 

@@ -22,6 +22,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-backbone-epochs", type=int, default=None, metavar="N",
                    help="with --init-from: train only the head for the first N epochs")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's and Ray Train's info lines (always kept in Ray's session logs)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,7 +75,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     from pipeline.train.launch import fit, summary
 
-    result = fit(cfg)
+    result = fit(cfg, verbose=args.verbose)
     if result.stopped:
         from pipeline.train.preempt import exit_code
 

@@ -44,18 +44,22 @@ def resolve_paths(cfg: TrainConfig, cwd: Path | None = None) -> TrainConfig:
     )
 
 
-def _ensure_ray(cfg: TrainConfig) -> None:
+def _ensure_ray(cfg: TrainConfig, verbose: bool = False) -> None:
     import ray
+
+    from pipeline.train.console import ray_init_options
 
     if ray.is_initialized():
         return
+    options = ray_init_options(verbose)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)  # the cluster of `ray job submit` or an explicit RAY_ADDRESS
+        ray.init(log_to_driver=True, **options)  # the cluster of `ray job submit` or an explicit RAY_ADDRESS
         return
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     # address="local": a Ray of our own, never a cluster some `ray start` left on this machine.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
-             num_gpus=None if cfg.scaling.use_gpu else 0)
+    # The dashboard (127.0.0.1) serves the State API that Ray Train's PlacementGroupCleaner polls every second.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=True,
+             num_gpus=None if cfg.scaling.use_gpu else 0, **options)
 
 
 def _check_init_from(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
@@ -85,11 +89,17 @@ def _scaling_config(cfg: TrainConfig, scaling_config_cls):
                               elastic_resize_monitor_interval_s=s.resize_check_s)
 
 
-def fit(cfg: TrainConfig) -> TrainResult:
-    """Train ``cfg`` on Ray Train; a job with the same ``run.name`` and storage path resumes from its checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_tags: dict[str, str] | None = None,
+        callbacks: tuple = ()) -> TrainResult:
+    """Train ``cfg`` on Ray Train; a job with the same ``run.name`` and storage path resumes from its checkpoint.
+
+    ``console``: print rank 0's progress here (a sweep reports its trials itself). ``run_tags``: extra tags
+    for the job's MLflow run (a sweep's parent). ``callbacks``: more Ray Train callbacks (Tune's reporter).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.train.console import DriverConsole, train_log_level
     from pipeline.shard.manifest import read_manifest
     from pipeline.train.loop import train_loop_per_worker
     from pipeline.train.preempt import clear_stop, read_stop, stop_on_signals
@@ -112,25 +122,30 @@ def fit(cfg: TrainConfig) -> TrainResult:
         "artifact_location": artifact_location,
         "run_key": storage_dir,  # identifies the job's MLflow run across restarts
         "index_sha256": index_digest(cfg.data.shards),  # every worker's node must see this very index.json
+        "run_tags": dict(run_tags or {}),
     }
     if "://" not in storage_dir:
         clear_stop(storage_dir)  # a request left by the previous submission is not for this one
-    _ensure_ray(cfg)
+    _ensure_ray(cfg, verbose)
     check_nodes(cfg.data.shards, loop_config["index_sha256"], str(cfg.run.storage_path))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=_scaling_config(cfg, ScalingConfig),
-        run_config=RunConfig(
-            name=cfg.run.name,
-            storage_path=str(cfg.run.storage_path),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-        ),
-    )
-    with stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled="://" not in storage_dir):
-        result = trainer.fit()
+    with DriverConsole(enabled=console) as out:
+        loop_config["console"] = out.sink  # rank 0 sends its lines here; None: silent
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+            scaling_config=_scaling_config(cfg, ScalingConfig),
+            run_config=RunConfig(
+                name=cfg.run.name,
+                storage_path=str(cfg.run.storage_path),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                logging_config=LoggingConfig(log_level=train_log_level(verbose)),
+                callbacks=list(callbacks),
+            ),
+        )
+        with stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled="://" not in storage_dir):
+            result = trainer.fit()
     stopped = read_stop(storage_dir) if "://" not in storage_dir else None
     run = find_job_run(tracking_uri, cfg.tracking.experiment, storage_dir) if tracking_uri else None
     return TrainResult(

@@ -133,3 +133,16 @@ def test_runs_names_the_swept_params(swept):
     assert runs.returncode == 0, runs.stderr
     header = runs.stdout.splitlines()[0]
     assert "params that differ:" in header and "optim.lr" in header and "data.shards" in header, runs.stdout
+
+
+def test_same_name_reuses_its_parent_only_with_the_same_definition(tmp_path):
+    from pipeline.train.sweep import _start_parent
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    exp = client.create_experiment("s", artifact_location=(tmp_path / "art").as_uri())
+    sweep = Sweep(config="fashion_mnist", grid=(parse_grid("optim.lr=0.1,0.2"),), name="again")
+    first = _start_parent(client, sweep, "/r/again", exp)
+    assert _start_parent(client, sweep, "/r/again", exp) == first  # a restart resumes the same sweep
+    other = Sweep(config="fashion_mnist", grid=(parse_grid("optim.lr=0.1,0.3"),), name="again")
+    with pytest.raises(UserError, match="already ran with another definition"):
+        _start_parent(client, other, "/r/again", exp)

@@ -240,19 +240,24 @@ def _experiment_id(client, name: str, artifact_location: str | None = None) -> s
 
 def _start_parent(client, sweep: Sweep, key: str, experiment_id: str) -> str:
     """The sweep's parent run (the one from an earlier start of the same sweep, if any), RUNNING."""
+    params = {"sweep.config": sweep.config, "sweep.metric": sweep.metric, "sweep.samples": sweep.samples,
+              "sweep.seed": sweep.seed, **{f"sweep.grid.{k}": ",".join(v) for k, v in sweep.grid},
+              **{f"sweep.random.{k}": f"{lo:g}:{hi:g}{':log' if log else ''}" for k, lo, hi, log in sweep.random},
+              **{f"sweep.set.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in sweep.overrides}}
+    params = {k: str(v)[:6000] for k, v in params.items()}
     found = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_KEY_TAG}` = '{_quote(key)}' and "
                                                               f"tags.`{TRIAL_TAG}` = 'parent'", max_results=1)
     if found:
+        # Trial i resumes job <name>-i from its checkpoint: only the very same points may do that.
+        if found[0].data.params != params:
+            raise UserError(f"sweep {sweep.name!r} already ran with another definition (MLflow run "
+                            f"{found[0].info.run_id}): give this one another --name")
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
     run = client.create_run(experiment_id, run_name=sweep.name, tags={SWEEP_KEY_TAG: key, TRIAL_TAG: "parent"})
-    params = {"sweep.config": sweep.config, "sweep.metric": sweep.metric, "sweep.samples": sweep.samples,
-              **{f"sweep.grid.{k}": ",".join(v) for k, v in sweep.grid},
-              **{f"sweep.random.{k}": f"{lo:g}:{hi:g}{':log' if log else ''}" for k, lo, hi, log in sweep.random},
-              **{f"sweep.set.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in sweep.overrides}}
     for k, v in params.items():
-        client.log_param(run.info.run_id, k, str(v)[:6000])
+        client.log_param(run.info.run_id, k, v)
     import yaml
 
     client.log_text(run.info.run_id, yaml.safe_dump(sweep.to_dict(), sort_keys=False), "sweep.yaml")

@@ -1,4 +1,4 @@
-"""`pipeline bench [shard|load|train|all] [--quick]`: run the suite, write the report, log it to MLflow."""
+"""`pipeline bench [shard|load|train|gpu|all] [--quick]`: run the suite, write the report, log it to MLflow."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ _DEFAULT_WORK = Path(__file__).resolve().parent / "data"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("stage", nargs="?", default="all", choices=["shard", "load", "train", "scale", "all"],
+    parser.add_argument("stage", nargs="?", default="all", choices=["shard", "load", "train", "scale", "gpu", "all"],
                         help="which stage to benchmark (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny data and one repeat: checks the suite end to end in seconds, figures meaningless")

@@ -21,6 +21,7 @@ STAGES = {
     "shard": "benchmarks.shard_bench",
     "load": "benchmarks.load_bench",
     "train": "benchmarks.train_bench",
+    "gpu": "benchmarks.gpu_bench",  # without CUDA: builds its JPEG shards, prints one line, no figures
     "scale": "benchmarks.scale_bench",
 }
 

@@ -1,14 +1,22 @@
-"""Training throughput: `pipeline train` on Ray against a plain PyTorch loop, in the same run.
+"""Training throughput: Ray Train against the same loop under torchrun, one process per case, interleaved.
 
-Cases (images/s of training steps, measured by the loop's own ``ThroughputMeter``
-after a warm-up epoch; Ray start-up is not part of it):
+Every case runs ``pipeline.train.step.TrainStep`` built from one config (the bundled
+``fashion_mnist`` job at the benchmark's batch: model, memory format, precision, torch
+threads, loader and its threads, warm-up epoch), so a ratio differs in exactly one thing:
 
-* ``plain-loop``      baseline: one process, the same model, batch, loader and threads, no Ray.
-* ``ray-1-worker``    ``pipeline.train.launch.fit`` with 1 worker. Goal: ≥ 0.95 × baseline (Ray's own gate: 0.85).
-* ``synthetic``       the plain loop on one in-memory batch: the ceiling without any data loading.
-* ``ray-2-workers``   2 workers (DDP over gloo), for scaling 1 → 2.
-* ``data_wait_frac``  fraction of step time spent waiting for the loader, per case.
-* ``gpu-*``           ResNet-50, bf16/fp16 autocast + channels_last, synthetic and DALI; CUDA only.
+* ``plain-loop``       one process, no DDP: the loop below (``setup_torch`` → ``make_loader`` → ``TrainStep``).
+* ``synthetic``        the same process and loop on one in-memory batch: the ceiling without data loading.
+* ``torchrun-Nw``      the same loop under ``torch.distributed.run`` (DDP over gloo), N processes: the baseline
+                       for Ray's overhead at equal world size.
+* ``ray-Nw``           ``pipeline.train.launch.fit`` with N Ray workers (the worker loop, which calls the same
+                       ``TrainStep``). Goal: ≥ 0.95 × ``torchrun-Nw``.
+
+ResNet-50 on a GPU is ``pipeline bench gpu`` (``benchmarks.gpu_bench``).
+
+Each case is a fresh process and each repeat a separate run; cases are interleaved (A B C … A B C …)
+so drift in the machine's load hits all of them. A run's figure is images/s summed over ranks,
+over the epochs after the first (warm-up: threads, allocator, DALI pipeline), counting only the
+training steps (data wait included, evaluation and start-up not).
 
     python -m benchmarks.train_bench [--quick] [--workdir DIR]
 """
@@ -18,16 +26,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import FASHION_MNIST, Ratio, Result, machine_info, ratio
 
 MODEL = "seed_cnn"
-BATCH = 256
+BATCH = 256  # per worker
 
 
 def _shards(workdir: Path, limit: int | None) -> Path:
@@ -41,210 +53,224 @@ def _shards(workdir: Path, limit: int | None) -> Path:
     return out
 
 
-def _config(shards: Path, workdir: Path, workers: int, epochs: int):
-    """The bundled ``fashion_mnist`` job at the benchmark's batch size, without MLflow."""
+def bench_config(shards: Path, workdir: Path, workers: int, epochs: int):
+    """The one config every case trains with; only ``scaling.num_workers`` (and run names) differ."""
     from pipeline.train.config import load_config
 
     return load_config("fashion_mnist", [
-        f"data.shards={shards}", f"run.name=bench-{workers}w-{int(time.time())}",
+        f"data.shards={shards}", f"run.name=bench-{workers}w-{os.getpid()}-{int(time.time() * 1000)}",
         f"run.storage_path={workdir / 'ray_results'}", f"train.epochs={epochs}", f"train.batch_size={BATCH}",
-        f"scaling.num_workers={workers}", "scaling.cpus_per_worker=1", f"run.checkpoints_to_keep={epochs}",
-        "tracking.enabled=false", "train.log_every_steps=1000000",
+        f"scaling.num_workers={workers}", "scaling.cpus_per_worker=1", "scaling.torch_threads=1",
+        f"run.checkpoints_to_keep={epochs}", "tracking.enabled=false", "train.log_every_steps=1000000",
     ])
 
 
-def _plain_loop(shards: Path, workdir: Path, epochs: int, synthetic: bool) -> list[tuple[float, float]]:
-    """(images/s, data-wait fraction) per epoch of a single-process loop: same model, batch, loss, optimizer."""
+def loader_threads(world: int) -> int:
+    """DALI threads per rank: the node's cores shared by its ranks, as the Ray worker loop's layout gives."""
+    return max(1, (os.cpu_count() or 1) // world)
+
+
+def settings(cfg, world: int) -> dict[str, Any]:
+    """What a case's training step is made of, from its config: equal across cases of one world size."""
+    return {"model": cfg.model.name, "channels_last": cfg.model.channels_last, "precision": cfg.train.precision,
+            "batch_per_worker": cfg.train.batch_size, "torch_threads": cfg.scaling.torch_threads,
+            "loader_threads": loader_threads(world), "backend": cfg.data.backend, "augment": cfg.train.augment,
+            "optimizer": cfg.optim.name, "compile": cfg.model.compile, "world_size": world}
+
+
+# --- the cases' own processes -------------------------------------------------------------------------------
+
+
+def _loop(cfg, rank: int, world: int, synthetic: bool) -> tuple[list[float], dict[str, Any]]:
+    """Per-epoch images/s of this rank, and the settings the step really ran with (read back from it)."""
     import torch
-    from torch import nn
 
     from pipeline.data import make_loader
+    from pipeline.data.presets import get_preset
     from pipeline.metrics import ThroughputMeter
-    from pipeline.train.loop import augment, build_optimizer
     from pipeline.train.models import build_model
+    from pipeline.train.step import TrainStep, WarmupCosine, build_optimizer, setup_torch
 
-    cfg = _config(shards, workdir, 1, epochs)
-    torch.set_num_threads(1)  # what one Ray worker with cpus_per_worker=1 uses
-    torch.manual_seed(0)
-    loader = make_loader(shards, "train", batch_size=BATCH)
-    model = build_model(cfg.model.name, loader.num_classes, 1, 28, cfg.model.dropout)
-    opt = build_optimizer(model, cfg.optim)
-    crit = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    fixed = next(iter(loader)) if synthetic else None
+    device = torch.device("cpu")
+    setup_torch(cfg, device)
+    loader = make_loader(cfg.data.shards, "train", batch_size=cfg.train.batch_size, rank=rank, world_size=world,
+                         backend=cfg.data.backend, device=cfg.data.device, preset=cfg.data.preset,
+                         seed=cfg.train.seed, threads=loader_threads(world))
+    channels, size, _ = get_preset(loader.preset).output_shape()
+    model = build_model(cfg.model.name, loader.num_classes, channels, size, cfg.model.dropout)
+    model = model.to(device, memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
+    optimizer = build_optimizer(model, cfg.optim)
     steps = len(loader)
-    out = []
-    for epoch in range(epochs):
+    schedule = WarmupCosine(optimizer, cfg.optim, cfg.train.epochs * steps, steps)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    step = TrainStep.from_config(model, optimizer, cfg, device, schedule)
+    fixed = next(iter(loader)) if synthetic else None
+    rates = []
+    for epoch in range(cfg.train.epochs):
         loader.set_epoch(epoch)
+        model.train()
         meter = ThroughputMeter()
         meter.start()
-        batches = (fixed for _ in range(steps)) if synthetic else loader
-        for x, y in batches:
+        for x, y in ((fixed for _ in range(steps)) if synthetic else loader):
             meter.data_ready()
-            loss = crit(model(augment(x, cfg.train.augment)), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = step(x, y)
             meter.step_done(y.shape[0])
-        loss.item()
-        t = meter.total()
-        out.append((t.images_per_s, t.data_wait_frac))
+        loss.item()  # host sync before the epoch's clock is read (a no-op on the CPU)
+        rates.append(meter.total().images_per_s)
+    # Read back from the objects that ran, not from the config: what the test compares across cases.
+    seen = {"model": cfg.model.name, "channels_last": step.memory_format == torch.channels_last,
+            "precision": cfg.train.precision, "batch_per_worker": loader.plan.batch_size,
+            "torch_threads": torch.get_num_threads(), "loader_threads": loader_threads(world),
+            "backend": cfg.data.backend, "augment": step.augment, "optimizer": type(optimizer).__name__.lower(),
+            "compile": step.step_model is not step.model, "world_size": world}
+    return rates, seen
+
+
+def _run_case(args: argparse.Namespace) -> None:
+    """Entry of one case's process: train, then write ``{"rates": [...], "settings": {...}}`` to ``--out``."""
+    from pipeline.fileio import write_atomic
+
+    cfg = bench_config(args.shards, args.workdir, args.workers, args.epochs)
+    if args.case == "ray":
+        from pipeline.train.checkpoint import load_meta
+        from pipeline.train.launch import fit
+
+        res = fit(cfg, console=False)
+        metas = sorted((load_meta(p) for p in Path(res.storage_dir).glob("checkpoint_*") if p.is_dir()),
+                       key=lambda m: m["epoch"])
+        out = {"rates": [m["metrics"]["train_images_per_s"] for m in metas], "settings": settings(cfg, args.workers)}
+    elif args.case == "ddp":
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        rates, seen = _loop(cfg, rank, world, synthetic=False)
+        total = torch.tensor(rates, dtype=torch.float64)
+        dist.all_reduce(total)  # images/s over all ranks, as the Ray loop reports it
+        dist.destroy_process_group()
+        if rank != 0:
+            return
+        out = {"rates": total.tolist(), "settings": seen}
+    else:
+        rates, seen = _loop(cfg, 0, 1, synthetic=args.case == "synthetic")
+        out = {"rates": rates, "settings": seen}
+    write_atomic(args.out, lambda f: f.write(json.dumps(out).encode()))
+
+
+# --- the driver ----------------------------------------------------------------------------------------------
+
+
+def _command(case: str, workers: int, shards: Path, workdir: Path, epochs: int, out: Path) -> list[str]:
+    tail = ["--case", case, "--workers", str(workers), "--shards", str(shards), "--workdir", str(workdir),
+            "--epochs", str(epochs), "--out", str(out)]
+    if case == "ddp":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+                "--module", "benchmarks.train_bench", *tail]
+    return [sys.executable, "-m", "benchmarks.train_bench", *tail]
+
+
+def cases(quick: bool) -> list[tuple[str, str, str, int]]:
+    """(name, role, kind, world size) in the order each round runs them."""
+    out = [("plain-loop", "baseline", "plain", 1), ("synthetic", "limit", "synthetic", 1),
+           ("torchrun-2w", "baseline", "ddp", 2)]
+    if not quick:  # Ray's start-up alone costs 15-30 s on a small machine; its path has its own tests
+        out += [("ray-1w", "case", "ray", 1), ("ray-2w", "case", "ray", 2)]
     return out
 
 
-def _ray_run(shards: Path, workdir: Path, workers: int, epochs: int) -> list[tuple[float, float]]:
-    """(images/s, data-wait fraction) per epoch of `pipeline train` with ``workers`` Ray workers."""
-    from pipeline.train.checkpoint import load_meta
-    from pipeline.train.launch import fit
-
-    res = fit(_config(shards, workdir, workers, epochs))
-    metas = [load_meta(p) for p in Path(res.storage_dir).glob("checkpoint_*") if p.is_dir()]
-    metas.sort(key=lambda m: m["epoch"])
-    return [(m["metrics"]["train_images_per_s"], m["metrics"]["data_wait_frac"]) for m in metas]
-
-
-def _warm(per_epoch: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Epochs after the first, which pays warm-up (threads, allocator, DALI pipeline)."""
-    return per_epoch[1:] or per_epoch
+def _one(name: str, kind: str, workers: int, shards: Path, workdir: Path, epochs: int) -> dict[str, Any]:
+    out = workdir / f"case-{name}-{time.time_ns()}.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(_command(kind, workers, shards, workdir, epochs, out), env=env, capture_output=True,
+                          text=True, timeout=1800)
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"case {name} exited with {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}")
+    data = json.loads(out.read_text())
+    out.unlink()
+    return data
 
 
-def _results(case: str, role: str, measured: list[tuple[float, float]], params: dict) -> list[Result]:
-    return [
-        Result("train", case, role, "images_per_s", "images/s", [v for v, _ in measured], params),
-        Result("train", case, role, "data_wait_frac", "fraction", [w for _, w in measured], params),
-    ]
-
-
-def _gpu_section(quick: bool, shards: Path) -> list[Result]:
-    """ResNet-50 images/s on CUDA: bf16 and fp16 autocast, channels_last, synthetic and DALI batches."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    from torch import nn
-
-    from pipeline.train.models import build_model
-
-    results = []
-    steps, batch = (20, 128) if quick else (100, 256)
-    for precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        model = build_model("resnet50", 1000, 3, 224).cuda().to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-        crit = nn.CrossEntropyLoss()
-        x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
-        y = torch.randint(0, 1000, (batch,), device="cuda")
-
-        def step(xb, yb):
-            with torch.autocast("cuda", dtype=dtype):
-                loss = crit(model(xb), yb)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-
-        for _ in range(5):
-            step(x, y)
-        torch.cuda.synchronize()  # warm-up done; clocks start on an idle GPU
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step(x, y)
-        torch.cuda.synchronize()
-        results.append(Result("train", f"gpu-resnet50-{precision}-synthetic", "case", "images_per_s", "images/s",
-                              [steps * batch / (time.perf_counter() - t0)], {"batch": batch}))
-
-        # The same step fed by the DALI GPU loader with the ImageNet preset (decode, random resized
-        # crop to 224, flip, normalise on the GPU). The benchmark's shards are small Fashion-MNIST
-        # images, so this measures the loader's GPU path and the step, not JPEG decoding of photos.
-        from pipeline.data import make_loader
-        from pipeline.metrics import ThroughputMeter
-
-        loader = make_loader(shards, "train", batch_size=batch, backend="dali", device="gpu", preset="imagenet")
-        meter = ThroughputMeter()
-        n = 0
-        torch.cuda.synchronize()
-        meter.start()
-        for xb, yb in loader:
-            meter.data_ready()
-            step(xb.to(memory_format=torch.channels_last), yb)
-            meter.step_done(yb.shape[0])
-            n += 1
-            if n >= steps:
-                break
-        torch.cuda.synchronize()
-        t = meter.total()
-        results.append(Result("train", f"gpu-resnet50-{precision}-dali", "case", "images_per_s", "images/s",
-                              [n * batch / t.total_s], {"batch": batch, "data_wait_frac": t.data_wait_frac}))
-    return results
-
-
-def run(*, quick: bool = False, workdir: Path | None = None) -> list[Result]:
-    """Measure every case on a 16384-image subset, 4 epochs (the first is warm-up).
-
-    ``quick`` checks the suite end to end in seconds: 1024 images, 2 epochs, and no Ray
-    cases (Ray's start-up alone costs 15-30 s on a small machine; the Ray training path has
-    its own tests). Its figures mean nothing.
-    """
+def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None = None,
+        images: int | None = None) -> list[Result]:
+    """Each repeat runs every case once, in a fresh process, in the same order (interleaved rounds)."""
     own = workdir is None
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="train-bench-"))
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="train-bench-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        shards = _shards(workdir, 1024 if quick else 16384)
-        epochs = 2 if quick else 4
-        params = {"model": MODEL, "batch": BATCH, "threads_per_worker": 1, "epochs_measured": epochs - 1}
-        # The baseline runs before and after the Ray cases and its epochs are pooled, so load from
-        # other processes on a shared machine weighs on both sides alike.
-        plain = _warm(_plain_loop(shards, workdir, epochs, synthetic=False))
+        images = images or (1024 if quick else 16384)
+        shards = _shards(workdir, images)
+        epochs = 2 if quick else 3
+        repeats = repeats or (1 if quick else 3)
+        plan = cases(quick)
+        rates: dict[str, list[float]] = {name: [] for name, *_ in plan}
+        seen: dict[str, dict[str, Any]] = {}
+        load: list[float] = []
+        for _ in range(repeats):
+            for name, _, kind, workers in plan:
+                load.append(os.getloadavg()[0])
+                data = _one(name, kind, workers, shards, workdir, epochs)
+                warm = data["rates"][1:] or data["rates"]
+                rates[name].append(statistics.fmean(warm))
+                print(f"[train bench] {name}: {rates[name][-1]:.1f} images/s (load average {load[-1]:.1f})",
+                      file=sys.stderr, flush=True)
+                seen[name] = data["settings"]
         results = []
-        if not quick:
-            ray1 = _warm(_ray_run(shards, workdir, 1, epochs))
-            plain += _warm(_plain_loop(shards, workdir, epochs, synthetic=False))
-            results += _results("ray-1-worker", "case", ray1, {**params, "scaling": 1, "series": "ray train"})
-        synthetic = _warm(_plain_loop(shards, workdir, epochs, synthetic=True))
-        results += _results("plain-loop", "baseline", plain, params)
-        results += _results("synthetic", "limit", synthetic, params)
-        if not quick:
-            ray2 = _warm(_ray_run(shards, workdir, 2, epochs))
-            results += _results("ray-2-workers", "case", ray2, {**params, "workers": 2, "scaling": 2,
-                                                                  "series": "ray train"})
-        results += _gpu_section(quick, shards)
+        for name, role, kind, workers in plan:
+            params = {**seen[name], "epochs_measured": epochs - 1, "runs": repeats, "images": images,
+                      "load_avg_1m": [round(x, 2) for x in load]}
+            if kind in ("ray", "ddp"):
+                params.update(scaling=workers, series="ray train" if kind == "ray" else "torchrun")
+            results.append(Result("train", name, role, "images_per_s", "images/s", rates[name], params))
         return results
     finally:
-        with contextlib.suppress(Exception):
-            import ray
-
-            ray.shutdown()
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
 def goals(results: list[Result]) -> list[Ratio]:
-    """Ray overhead (goal ≥ 0.95), loader vs synthetic, and 1 → 2 worker scaling where measured."""
-    cases = {r.case for r in results}
+    """Ray overhead at equal world size (goal ≥ 0.95), loader vs synthetic, and 1 → 2 scaling where measured."""
+    found = {r.case for r in results}
     out = [ratio(results, "real loader / synthetic batches", "plain-loop", "synthetic", metric="images_per_s")]
-    if "ray-1-worker" in cases:
-        out.insert(0, ratio(results, "ray 1 worker / plain loop", "ray-1-worker", "plain-loop",
-                            metric="images_per_s", goal=0.95))
-    if "ray-2-workers" in cases:
-        out.append(ratio(results, "2 workers / 1 worker", "ray-2-workers", "ray-1-worker", metric="images_per_s"))
+    if "ray-1w" in found:
+        out.append(ratio(results, "ray 1 worker / plain loop", "ray-1w", "plain-loop", metric="images_per_s",
+                         goal=0.95))
+    if "ray-2w" in found:
+        out.append(ratio(results, "ray 2 workers / torchrun 2", "ray-2w", "torchrun-2w", metric="images_per_s",
+                         goal=0.95))
+        out.append(ratio(results, "ray 2 workers / 1 worker", "ray-2w", "ray-1w", metric="images_per_s"))
+    out.append(ratio(results, "torchrun 2 / plain loop", "torchrun-2w", "plain-loop", metric="images_per_s"))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1024 images, 2 epochs, no Ray cases: checks the script runs")
+    parser.add_argument("--quick", action="store_true", help="1024 images, 2 epochs, no Ray cases: checks it runs")
     parser.add_argument("--workdir", type=Path, default=None, help="keep shards and Ray results here")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds of all cases (default 3, quick 1)")
+    parser.add_argument("--images", type=int, default=None, help="training images (default 16384, quick 1024)")
+    parser.add_argument("--case", choices=["plain", "synthetic", "ddp", "ray"], help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, default=3, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    results = run(quick=args.quick, workdir=args.workdir)
+    if args.case:
+        _run_case(args)
+        return 0
+    results = run(quick=args.quick, workdir=args.workdir, repeats=args.repeats, images=args.images)
     print(json.dumps(machine_info()))
     for r in results:
-        print(f"{r.case:<24} {r.metric:<15} median {r.median:10.3f} {r.unit:<9} "
-              f"±{r.spread:.0%}  n={len(r.values)}  {statistics.fmean(r.values):.3f} mean")
+        print(f"{r.case:<28} median {r.median:10.1f} {r.unit:<9} ±{r.spread:.0%}  n={len(r.values)}  "
+              f"{[round(v) for v in r.values]}")
     for g in goals(results):
         verdict = "" if g.goal is None else ("  goal met" if g.met else f"  goal {g.goal} NOT met")
-        print(f"{g.name:<34} {g.value:.3f}{verdict}")
+        print(f"{g.name:<40} {g.value:.3f}{verdict}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with contextlib.suppress(BrokenPipeError):
+        raise SystemExit(main())

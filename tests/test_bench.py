@@ -71,7 +71,25 @@ def test_quick_suite_writes_report_and_mlflow_run(tmp_path):
     assert stages == {"shard", "load", "train"}
     for r in payload["results"]:
         assert r["role"] in ("case", "baseline", "limit") and r["values"] and all(v > 0 for v in r["values"])
-    assert {g["name"] for g in payload["goals"]} >= {"pass-through / tar -cf", "DALI-CPU / torch fallback"}
+    assert {g["name"] for g in payload["goals"]} >= {"build --check header / tar -cf", "DALI-CPU / DALI ROI decode",
+                                                     "torchrun 2 / plain loop"}
+    # Each training case reports the settings its step really ran with (read back from the step, the
+    # loader and torch in that case's own process): equal to what the shared config gives at that world size.
+    from benchmarks.train_bench import bench_config, settings
+
+    train = {r["case"]: r["params"] for r in payload["results"] if r["stage"] == "train"}
+    assert set(train) == {"plain-loop", "synthetic", "torchrun-2w"}
+    for case, params in train.items():
+        world = params["world_size"]
+        expected = settings(bench_config(Path("s"), tmp_path, world, 2), world)
+        assert {k: params[k] for k in expected} == expected, case
+    # No CUDA here: the GPU stage says so in one line, after building its JPEG shards on the CPU.
+    if not _cuda():
+        assert proc.stdout.count("bench gpu: skipped: no CUDA device") == 1
+        from pipeline.shard.manifest import read_manifest
+
+        manifest = read_manifest(tmp_path / "work" / "gpu" / "jpeg_shards_64")
+        assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == 64
     stem = reports[0].with_suffix("")
     for suffix in (".md", "-throughput.png", "-scaling.png"):
         assert Path(f"{stem}{suffix}").stat().st_size > 0
@@ -81,6 +99,55 @@ def test_quick_suite_writes_report_and_mlflow_run(tmp_path):
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["bench-test"], output_format="list")
     assert len(runs) == 1
-    assert "ratio.pass-through / tar -cf" in runs[0].data.metrics
+    assert "ratio.build --check header / tar -cf" in runs[0].data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
     assert f"{stem.name}.json" in artifacts
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_ray_and_torchrun_cases_train_what_the_plain_loop_trains(tmp_path):
+    """One config for every training case: Ray and torchrun differ from the plain loop only in world size."""
+    from benchmarks.train_bench import bench_config, cases, settings
+
+    one, two = bench_config(tmp_path, tmp_path, 1, 3), bench_config(tmp_path, tmp_path, 2, 3)
+    a, b = one.to_dict(), two.to_dict()
+    differ = {(section, key) for section in a for key in a[section] if a[section][key] != b[section][key]}
+    assert differ == {("scaling", "num_workers"), ("run", "name")}
+    s1, s2 = settings(one, 1), settings(two, 2)
+    assert s1["channels_last"] is True and s1["precision"] == "fp32" and s1["torch_threads"] == 1
+    assert {k: v for k, v in s1.items() if k not in ("world_size", "loader_threads")} == \
+        {k: v for k, v in s2.items() if k not in ("world_size", "loader_threads")}
+    # Equal world sizes are compared: every Ray case has its torchrun or plain baseline of the same size.
+    full = cases(quick=False)
+    worlds = {kind: {w for _, _, k, w in full if k == kind} for kind in ("plain", "ddp", "ray")}
+    assert worlds["ray"] <= worlds["plain"] | worlds["ddp"]
+
+
+def test_tuning_split_is_carved_from_the_training_images(fmnist_dir, tmp_path):
+    """The accuracy suite's tuning copy: 10 % of each class of the 60,000 training images, seeded; t10k unread."""
+    import gzip
+
+    import numpy as np
+
+    from benchmarks.accuracy import holdout_source
+
+    def read(root, part):
+        with gzip.open(root / f"{part}-images-idx3-ubyte.gz") as f:
+            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)
+        with gzip.open(root / f"{part}-labels-idx1-ubyte.gz") as f:
+            return images, np.frombuffer(f.read(), np.uint8, offset=8)
+
+    out = holdout_source(fmnist_dir, tmp_path / "tune")
+    (train_x, train_y), (val_x, val_y) = read(out, "train"), read(out, "t10k")
+    all_x, all_y = read(fmnist_dir, "train")
+    assert len(train_y) == 54_000 and len(val_y) == 6_000
+    assert np.bincount(val_y).tolist() == [600] * 10  # stratified
+    pairs = lambda x, y: sorted(map(bytes, np.concatenate([x, y[:, None]], axis=1)))  # noqa: E731
+    assert pairs(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])) == pairs(all_x, all_y)
+    assert holdout_source(fmnist_dir, tmp_path / "again")  # same seed, same split
+    assert read(tmp_path / "again", "t10k")[1].tolist() == val_y.tolist()

@@ -22,10 +22,16 @@ def test_tracker_reuses_the_job_run_and_never_repeats_an_epoch(tmp_path):
     first = Tracker(uri, "exp", (tmp_path / "art").as_uri())
     first.start(key, "job", cfg)
     assert first.log_epoch(1, {"val_loss": 1.0}) and first.log_step(10, {"step_train_loss": 2.0})
+    for d in (tmp_path / "storage" / "job" / "best", tmp_path / "elsewhere"):  # kept in the job dir / copied
+        d.mkdir()
+        (d / "weights.txt").write_text(d.name)
+        first.log_artifacts(d, f"dirs/{d.name}")
+    shutil.rmtree(tmp_path / "elsewhere")  # a temporary directory, gone before the upload
     assert first.end("FAILED", reason="RuntimeError: boom") == 0
     run_id = first.run_id
     client = mlflow.MlflowClient(uri)
     assert client.get_run(run_id).data.tags["pipeline.end_reason"] == "RuntimeError: boom"
+    assert {a.path for a in client.list_artifacts(run_id, "dirs")} == {"dirs/best", "dirs/elsewhere"}
     # A restart (new Tracker) continues the same run from its spool, and knows what was logged.
     again = Tracker(uri, "exp")
     again.start(key, "job", {"train": {"epochs": 3}, "run": {"name": "job"}})

@@ -55,7 +55,8 @@ class NodeMonitor:
         self.interval_s = interval_s
         self.spool = Spool(spool_dir, f"system-{self.node}")
         self.step = 1 + max((r["step"] for r in self.spool.records()), default=-1)
-        self.queue = TrackingQueue(self.spool, MlflowSink(spool_dir, create=False).send, name=f"system-{self.node}")
+        self.queue = TrackingQueue(self.spool, MlflowSink(spool_dir, create=False).send, name=f"system-{self.node}",
+                                   warn=False)  # rank 0's tracker says it once
         self.monitors = _monitors()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="system-metrics", daemon=True)

@@ -118,7 +118,9 @@ class Tracker:
             "tracking_uri": self.tracking_uri, "experiment": self.experiment, "run_key": run_key,
             "run_name": run_name, "artifact_location": self.artifact_location, "tags": dict(tags or {}),
             "start_ms": job.get("start_ms", int(time.time() * 1000)),
-            **({"run_id": job["run_id"]} if job.get("run_id") else {}),
+            # The run found before, unless the job now tracks to another server.
+            **({"run_id": job["run_id"]} if job.get("run_id") and job.get("tracking_uri") == self.tracking_uri
+               else {}),
         })
         self.queue = TrackingQueue(spool, MlflowSink(self.spool_dir).send)
         self._source_tags = {k: str(v) for k, v in (tags or {}).items() if k.startswith("mlflow.source.")}
@@ -202,13 +204,17 @@ class Tracker:
             self.log_text(json.dumps(data, indent=2), artifact_file)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
-        """Copy ``local_dir`` into the spool now (it may be a temporary directory) and queue its upload."""
+        """Queue the upload of ``local_dir``: copied into the spool first unless it lies in the job's directory."""
         import shutil
 
         if self.spool_dir is None:
             return
+        local = Path(local_dir).resolve()
+        if local.is_relative_to(self.spool_dir.parent.resolve()):  # kept there (best checkpoint): no copy
+            self._put({"t": "artifact", "path": str(local), "dest": artifact_path})
+            return
         path, rel = self._file(artifact_path)
-        shutil.copytree(local_dir, path)
+        shutil.copytree(local, path)  # a temporary directory may be gone before the upload
         self._put({"t": "artifact", "path": rel, "dest": artifact_path})
 
     def log_figure(self, figure, artifact_file: str) -> None:

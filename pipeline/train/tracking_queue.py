@@ -316,8 +316,9 @@ class TrackingQueue:
     """
 
     def __init__(self, spool: Spool, sink: Callable[[list[dict[str, Any]]], None], maxsize: int = 10_000,
-                 backoff_s: tuple[float, float] = (0.5, 10.0), name: str = "tracking") -> None:
+                 backoff_s: tuple[float, float] = (0.5, 10.0), name: str = "tracking", warn: bool = True) -> None:
         self.spool = spool
+        self.warn = warn  # one console line when the server goes away and when it is back
         self.sink = sink
         self.backoff_s = backoff_s
         self.name = name
@@ -377,18 +378,19 @@ class TrackingQueue:
                 delay = min(delay * 2, self.backoff_s[1])
                 continue
             self.spool.mark_sent(offset, len(records))
-            if self.failing_since is not None:
+            if self.failing_since is not None and self.warn:
                 log.warning("[pipeline] tracking server reachable again after %.0f s; sending the backlog",
                             time.monotonic() - self.failing_since)
-                self.failing_since = None
+            self.failing_since = None
             delay = self.backoff_s[0]
 
     def _failed(self, exc: Exception) -> None:
         self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if self.failing_since is None and not isinstance(exc, RunNotReady):
             self.failing_since = time.monotonic()
-            log.warning("[pipeline] tracking server unavailable (%s); training goes on, records are spooled "
-                        "to %s", self.last_error, self.spool.path)
+            if self.warn:
+                log.warning("[pipeline] tracking server unavailable (%s); training goes on, records are "
+                            "spooled to %s", self.last_error, self.spool.path)
 
     def flush(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for everything queued so far to reach the server; True when it has."""

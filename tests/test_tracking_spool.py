@@ -64,7 +64,8 @@ def test_spool_drops_a_torn_last_line_and_sync_sends_the_rest(tmp_path, capsys):
     tracker.start(key, "job", {"a": 1}, tags=code_tags(capture_code()))
     tracker.queue.close(0)  # as if the process died before sending anything
     spool = Spool(spool_dir_for(key))
-    spool.append([{"t": "metrics", "family": "val_loss", "step": 1, "ts": 1, "m": {"val_loss": 0.5}}])
+    spool.append([{"t": "tags", "tags": {"": "a tag without a key"}},  # refused by the server, set aside
+                  {"t": "metrics", "family": "val_loss", "step": 1, "ts": 1, "m": {"val_loss": 0.5}}])
     with open(spool.path, "a") as f:
         f.write('{"t": "metrics", "step": 2')  # killed mid-write
     assert main(["tracking", "sync", key]) == 0
@@ -72,6 +73,8 @@ def test_spool_drops_a_torn_last_line_and_sync_sends_the_rest(tmp_path, capsys):
     client = mlflow.MlflowClient(uri)
     run = client.get_run(json.loads((spool_dir_for(key) / "job.json").read_text())["run_id"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1]
+    rejected = [json.loads(line) for line in (spool_dir_for(key) / "rejected.jsonl").read_text().splitlines()]
+    assert [r["record"]["t"] for r in rejected] == ["tags"]
     assert run.data.tags["mlflow.source.name"] == "pipeline train" and run.data.params["a"] == "1"
     assert main(["tracking", "sync", key]) == 0  # again: nothing to send, nothing twice
     assert main(["tracking", "sync", str(tmp_path / "nothing")]) == 2

@@ -18,6 +18,7 @@ Layout of ``<storage path>/<run name>/tracking/``::
     records.sent        {"offset": bytes sent, "records": count}
     system-<node>.jsonl system metrics of one node (its own sender; never creates the run)
     files/<n>/...       artifact files the records refer to
+    rejected.jsonl      records the server refused as invalid (set aside so they block nothing)
 
 Records are applied idempotently where MLflow allows: epoch and step metrics at
 or below the run's last logged step are skipped, params already in the run are
@@ -109,20 +110,30 @@ class Spool:
 
     def pending(self, limit: int = 500) -> tuple[list[dict[str, Any]], int]:
         """Up to ``limit`` unsent records and the byte offset just after them."""
+        out = self.pending_each(limit)
+        return [r for r, _ in out], (out[-1][1] if out else self.cursor()[0])
+
+    def pending_each(self, limit: int = 500) -> list[tuple[dict[str, Any], int]]:
+        """Up to ``limit`` unsent records, each with the byte offset just after it."""
         offset, _ = self.cursor()
-        out: list[dict[str, Any]] = []
+        out: list[tuple[dict[str, Any], int]] = []
         if not self.path.exists():
-            return out, offset
+            return out
         with open(self.path, "rb") as f:
             f.seek(offset)
             for line in f:
                 if not line.endswith(b"\n"):
                     break  # being written right now
-                out.append(json.loads(line))
                 offset += len(line)
+                out.append((json.loads(line), offset))
                 if len(out) >= limit:
                     break
-        return out, offset
+        return out
+
+    def reject(self, record: dict[str, Any], error: str) -> None:
+        """Keep a record the server refuses for good (beside the spool), so it does not block the ones after it."""
+        with open(self.dir / "rejected.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"error": error, "record": record}) + "\n")
 
     def mark_sent(self, offset: int, count: int) -> None:
         _, done = self.cursor()
@@ -372,6 +383,8 @@ class TrackingQueue:
             try:
                 self.sink(records)
             except Exception as exc:  # any failure: the records stay in the spool and are retried
+                if refused(exc) and send_each(self.spool, self.sink):
+                    continue
                 self._failed(exc)
                 if self._stop.wait(delay):
                     return  # closing: what is left stays in the spool
@@ -415,6 +428,22 @@ class TrackingQueue:
         return self.spool.unsent()
 
 
+def send_each(spool: Spool, sink: Callable[[list[dict[str, Any]]], None]) -> bool:
+    """Send pending records one at a time, setting aside those the server refuses; True if all got through."""
+    for rec, end in spool.pending_each():
+        try:
+            sink([rec])
+        except Exception as exc:
+            if not refused(exc):
+                return False
+            spool.reject(rec, f"{type(exc).__name__}: {exc}"[:2000])
+            log.warning("[pipeline] the tracking server refused a %s record (%s); kept in %s", rec.get("t"),
+                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+                        spool.dir / "rejected.jsonl")
+        spool.mark_sent(end, 1)
+    return True
+
+
 def sync(spool_dir: str | Path) -> tuple[int, str | None]:
     """Send every unsent record of a job's spools now, in this process. Returns (records sent, run id)."""
     d = Path(spool_dir)
@@ -431,8 +460,13 @@ def sync(spool_dir: str | Path) -> tuple[int, str | None]:
             records, offset = spool.pending()
             if not records:
                 break
-            sink.send(records)
-            spool.mark_sent(offset, len(records))
+            try:
+                sink.send(records)
+            except Exception as exc:
+                if not refused(exc) or not send_each(spool, sink.send):
+                    raise
+            else:
+                spool.mark_sent(offset, len(records))
             sent += len(records)
         run_id = run_id or sink.run_id
     return sent, run_id or read_job(d).get("run_id")
@@ -442,6 +476,15 @@ def http_env_defaults() -> None:
     """Short MLflow HTTP retries in this process (the sender thread retries with its own backoff)."""
     for k, v in HTTP_ENV.items():
         os.environ.setdefault(k, v)
+
+
+# Answers that no retry will change (a malformed or invalid request): the record is set aside.
+REFUSED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "MALFORMED_REQUEST", "INVALID_STATE"}
+
+
+def refused(exc: Exception) -> bool:
+    """True when the tracking server rejected the request itself, not when it could not be reached."""
+    return getattr(exc, "error_code", None) in REFUSED
 
 
 def _write_text(path: Path, text: str) -> None:

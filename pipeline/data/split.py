@@ -247,6 +247,11 @@ class LoaderBase:
         self.position = int(state["batches"])
         self._resume = dict(state) if self.position > 0 else None
 
+    def forget_position(self) -> None:
+        """Drop a position restored with ``load_state_dict``: the epoch starts from its first batch."""
+        self._resume = None
+        self.position = 0
+
     def _backend_state(self) -> dict[str, Any]:
         return {}
 

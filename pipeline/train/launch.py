@@ -145,7 +145,12 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
             ),
         )
         with stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled="://" not in storage_dir):
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            except Exception as exc:
+                if tracking_uri:
+                    _record_failure(storage_dir, exc)
+                raise
     stopped = read_stop(storage_dir) if "://" not in storage_dir else None
     run = find_job_run(tracking_uri, cfg.tracking.experiment, storage_dir) if tracking_uri else None
     return TrainResult(
@@ -157,6 +162,28 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
         tracking_uri=tracking_uri,
         stopped=stopped,
     )
+
+
+def _record_failure(storage_dir: str, exc: Exception) -> None:
+    """The job failed for good: end its MLflow run FAILED, even if rank 0 was killed before it could.
+
+    The record goes through the job's tracking spool, after whatever rank 0 left unsent; if the
+    server is unreachable it stays there for the next start or ``pipeline tracking sync``.
+    """
+    import time
+
+    from pipeline.train.tracking import spool_dir_for
+    from pipeline.train.tracking_queue import Spool, read_job, sync
+
+    spool = spool_dir_for(storage_dir)
+    if not read_job(spool):
+        return  # tracking never started
+    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    Spool(spool).append([{"t": "end", "status": "FAILED", "reason": reason, "ts": int(time.time() * 1000)}])
+    try:
+        sync(spool)
+    except Exception:  # noqa: BLE001 - an unreachable server must not hide the job's own error
+        pass
 
 
 def summary(res: TrainResult) -> str:

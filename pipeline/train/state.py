@@ -135,7 +135,7 @@ class RunState:
         """Forget the position inside the epoch in progress (used when it cannot be continued)."""
         self.step_in_epoch = 0
         self._resumed_sums = None
-        self.loader.set_epoch(self.epoch)  # drops a restored position
+        self.loader.forget_position()
 
     # --- the loop's bookkeeping ---------------------------------------------------------------
 

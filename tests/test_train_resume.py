@@ -1,0 +1,303 @@
+"""Step checkpoints, exact mid-epoch resume, preemption and failure status.
+
+The fast tests (no Ray) check the pieces: loader positions for both backends,
+the RNG round trip, the step trigger. The slow ones train for real on Ray Train
+(2 CPU workers, gloo, DALI on the CPU, MLflow on SQLite) and compare per-step
+losses, logged at every step, with an uninterrupted run of the same job:
+
+1. the reference run;
+2. the same job with a worker SIGKILLed right after its first mid-epoch checkpoint;
+3. the same job as ``python -m pipeline.train`` whose driver gets SIGTERM, then run again;
+4. a job whose data fails to decode: its MLflow run ends FAILED.
+
+Same world size, CPU, fp32, one intra-op thread: the resumed losses equal the
+reference bit for bit (tolerance 0). Model, optimizer, schedule, every RNG and
+the DALI reader's position and random state are restored exactly, and gloo sums
+two ranks' gradients in a fixed order, so nothing is left to differ.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.data import LoaderOptions, build_loader
+from pipeline.train.preempt import Control, clear_stop, exit_code, read_stop, request_stop
+from pipeline.train.state import rng_state, set_rng_state
+from _proc import descendants
+
+EPOCHS, STEPS = 1, 8  # 1024 images, 2 workers x batch 64
+
+
+def _roundtrip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, fmnist_dir):
+    out = tmp_path_factory.mktemp("resume") / "fm"
+    assert main(["shard", str(fmnist_dir), str(out), "--limit", "1024", "--samples-per-shard", "200",
+                 "--no-progress"]) == 0
+    return out
+
+
+# --- fast: the pieces --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,workers", [("dali", 1), ("torch", 3), ("torch", 0)])  # 3 workers: uneven runs
+def test_loader_continues_at_the_next_batch_with_the_same_samples(shards, backend, workers):
+    def loader():
+        return build_loader(shards, "train", batch_size=64, rank=1, world_size=2, backend=backend, device="cpu",
+                            options=LoaderOptions(num_threads=1, num_workers=workers, with_keys=True))
+
+    full = loader()
+    full.set_epoch(1)
+    expected = list(full)
+    for k in (5,) if workers else (1, len(expected) - 1):
+        first = loader()
+        first.set_epoch(1)
+        it = iter(first)
+        for _ in range(k):
+            next(it)
+        saved = _roundtrip(first.state_dict())  # what a checkpoint stores, loaded weights_only
+        del it
+        resumed = loader()
+        resumed.load_state_dict(saved)
+        resumed.set_epoch(1)
+        rest = list(resumed)
+        assert [b[2] for b in rest] == [b[2] for b in expected[k:]], (backend, k)  # same samples, same order
+        for a, b in zip(rest, expected[k:]):
+            assert torch.equal(a[0], b[0])  # same crops and flips
+        resumed.set_epoch(2)
+        assert len(list(resumed)) == len(expected)  # the saved position is used once
+
+
+def test_loader_position_refuses_another_world_size(shards):
+    a = build_loader(shards, "train", batch_size=32, rank=0, world_size=2, backend="torch", device="cpu")
+    b = build_loader(shards, "train", batch_size=32, rank=0, world_size=3, backend="torch", device="cpu")
+    a.set_epoch(0)
+    state = {**a.state_dict(), "batches": 3}
+    with pytest.raises(ValueError, match="world"):
+        b.load_state_dict(state)
+
+
+def test_another_world_size_restarts_the_epoch_on_every_rank(shards):
+    from pipeline.config import from_dict
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.models import build_model
+    from pipeline.train.state import RunState
+    from pipeline.train.step import TrainStep, build_optimizer
+
+    cfg = from_dict(TrainConfig, {"scaling": {"torch_threads": 1}})
+    model = build_model("seed_cnn", 10, 1, 28)
+    step = TrainStep.from_config(model, build_optimizer(model, cfg.optim), cfg, "cpu")
+
+    def loader(world):
+        return build_loader(shards, "train", batch_size=64, rank=0, world_size=world, backend="torch", device="cpu",
+                            options=LoaderOptions(num_workers=0))
+
+    two = loader(2)
+    two.set_epoch(0)
+    it = iter(two)
+    next(it), next(it)
+    before = RunState(model, step, two, rank=0, world_size=2, keep_best_by="val_top1")
+    before.step_in_epoch, before.global_step = 2, 2
+    shared, mine = _roundtrip(before.state_dict()), _roundtrip(before.rank_state_dict())
+    del it
+
+    three = loader(3)
+    after = RunState(model, step, three, rank=0, world_size=3, keep_best_by="val_top1")
+    after.load_state_dict(shared)
+    assert "world" in after.load_rank_state(mine)
+    after.restart_epoch()
+    assert (after.epoch, after.step_in_epoch, after.global_step) == (0, 0, 2)  # steps keep counting
+    three.set_epoch(0)
+    assert len(list(three)) == len(three)  # the whole epoch, from its first batch
+
+    same = loader(2)  # a rank that could continue still restarts when another rank cannot
+    kept = RunState(model, step, same, rank=0, world_size=2, keep_best_by="val_top1")
+    kept.load_state_dict(shared)
+    assert kept.load_rank_state(mine) is None
+    kept.restart_epoch()
+    same.set_epoch(0)
+    assert len(list(same)) == len(same)
+
+
+def test_rng_state_round_trip_weights_only():
+    import random
+
+    import numpy as np
+
+    g = torch.Generator().manual_seed(5)
+    saved = _roundtrip(rng_state(g))
+    before = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(2, generator=g))
+    set_rng_state(saved, g)
+    after = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(2, generator=g))
+    assert torch.equal(before[0], after[0]) and (before[1] == after[1]).all()
+    assert before[2] == after[2] and torch.equal(before[3], after[3])
+
+
+def test_control_steps_and_stop_file(tmp_path):
+    ctl = Control(storage_dir=tmp_path, rank=0, world_size=1, every_steps=4, every_minutes=None)
+    assert [ctl.poll(s)[0] for s in range(1, 9)] == [False, False, False, True, False, False, False, True]
+    request_stop(tmp_path, "SIGTERM to the driver")
+    assert read_stop(tmp_path) == "SIGTERM to the driver"
+    deadline, step = time.monotonic() + 60, 8
+    while not ctl.poll(step)[1]:  # the agreed check runs about once a second, whatever the step time
+        assert time.monotonic() < deadline
+        step += 1
+        time.sleep(0.02)
+    assert ctl.stop_reason == "SIGTERM to the driver"
+    clear_stop(tmp_path)
+    assert read_stop(tmp_path) is None
+    assert exit_code("SIGTERM to the driver") == 143 and exit_code("SIGINT to the driver") == 130
+
+
+# --- slow: real jobs ---------------------------------------------------------------------------
+
+def _overrides(shards: Path, root: Path, name: str) -> list[str]:
+    return [f"data.shards={shards}", "data.backend=dali", f"run.name={name}",
+            f"run.storage_path={root / 'ray_results'}", f"tracking.tracking_uri=sqlite:///{root}/mlruns.db",
+            "tracking.experiment=resume", "tracking.log_model=false", "train.batch_size=64",
+            "train.log_every_steps=1", "optim.lr=0.003", "optim.warmup_epochs=0", "scaling.num_workers=2",
+            "scaling.cpus_per_worker=1", "scaling.torch_threads=1", f"train.epochs={EPOCHS}",
+            "run.checkpoint_every_steps=2", "run.checkpoint_every_minutes=null", "run.max_failures=2"]
+
+
+def _run(uri: str, name: str):
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("resume")
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]  # one run per job, restarts included
+    return runs[0]
+
+
+def _losses(uri: str, run) -> list[tuple[int, float]]:
+    history = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "step_train_loss")
+    return sorted((m.step, m.value) for m in history)
+
+
+def _wait_for_mid_epoch_checkpoint(storage: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not any((p / "rank-1.pt").is_file() for p in storage.glob("checkpoint_*")):
+        assert time.monotonic() < deadline, f"no checkpoint under {storage}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def jobs(shards, tmp_path_factory, ray_local):
+    from pipeline.train.config import load_config
+    from pipeline.train.launch import fit
+
+    root = tmp_path_factory.mktemp("jobs")
+    uri = f"sqlite:///{root}/mlruns.db"
+    reference = fit(load_config("fashion_mnist", _overrides(shards, root, "reference")))
+
+    killed: list[int] = []
+
+    def chaos() -> None:
+        _wait_for_mid_epoch_checkpoint(root / "ray_results" / "killed")
+        for pid in descendants(os.getpid()):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"RayTrainWorker" in cmdline:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+
+    watcher = threading.Thread(target=chaos, daemon=True)
+    watcher.start()
+    killed_result = fit(load_config("fashion_mnist", _overrides(shards, root, "killed")))
+    watcher.join(timeout=1)
+    return {"root": root, "uri": uri, "reference": reference, "killed": killed_result, "killed_pids": killed}
+
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_epoch_resumes_at_the_next_step_with_equal_losses(jobs):
+    assert jobs["killed_pids"], "no Ray Train worker was killed"
+    uri = jobs["uri"]
+    reference = _losses(uri, _run(uri, "reference"))
+    run = _run(uri, "killed")
+    assert int(run.data.tags["pipeline.resumes"]) >= 1
+    resumed = _losses(uri, run)
+    assert [s for s, _ in resumed] == list(range(1, EPOCHS * STEPS + 1))  # every step once, none repeated
+    assert resumed == reference  # tolerance 0: see the module docstring
+    assert jobs["killed"].metrics["epoch"] == EPOCHS
+    assert run.info.status == "FINISHED"
+
+
+def _train_cmd(shards: Path, root: Path, name: str) -> list[str]:
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", "fashion_mnist"]
+    for o in _overrides(shards, root, name):
+        cmd += ["--set", o]
+    return cmd
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_checkpoints_marks_killed_and_resubmit_continues(jobs, shards):
+    root, uri = jobs["root"], jobs["uri"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = _train_cmd(shards, root, "stopped")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for_mid_epoch_checkpoint(root / "ray_results" / "stopped")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "Aborted" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if "stopped by SIGTERM" in line]
+    assert len(lines) == 1 and "run the same command again" in lines[0], err[-3000:]
+    run = _run(uri, "stopped")
+    assert run.info.status == "KILLED"
+    assert "SIGTERM" in run.data.tags["pipeline.end_reason"]
+    stopped_at = max(s for s, _ in _losses(uri, run))
+    assert stopped_at < EPOCHS * STEPS
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    run = _run(uri, "stopped")
+    assert run.info.status == "FINISHED"
+    resumed = _losses(uri, run)
+    assert [s for s, _ in resumed] == list(range(1, EPOCHS * STEPS + 1))
+    assert resumed == _losses(uri, _run(uri, "reference"))
+
+
+@pytest.mark.slow
+def test_a_failing_job_leaves_its_run_failed(shards, tmp_path, ray_local):
+    import shutil
+
+    from pipeline.train.config import load_config
+    from pipeline.train.launch import fit
+
+    broken = tmp_path / "broken"
+    shutil.copytree(shards, broken)
+    tar = sorted(broken.glob("train-*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    start = data.index(b"\x89PNG")
+    data[start + 16:start + 400] = b"\0" * 384  # a PNG that no longer decodes, at its verified offset
+    tar.write_bytes(bytes(data))
+    cfg = load_config("fashion_mnist", _overrides(broken, tmp_path, "failing") + ["run.max_failures=0"])
+    with pytest.raises(Exception, match="DALI failed"):
+        fit(cfg)
+    run = _run(f"sqlite:///{tmp_path}/mlruns.db", "failing")
+    assert run.info.status == "FAILED"
+    assert run.data.tags.get("pipeline.end_reason")

@@ -99,6 +99,13 @@ def ratio(results: list[Result], name: str, num: str, den: str, *, metric: str, 
                  goal=goal, metric=metric)
 
 
+def now_utc() -> str:
+    """The report's start time, as ``pipeline bench`` records it."""
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on."""
     info: dict[str, Any] = {

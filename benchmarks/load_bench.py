@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import Ratio, Result, machine_info, ratio
+from benchmarks.common import Ratio, Result, machine_info, now_utc, ratio
 from benchmarks.images import make_imagenet_like
 from pipeline.cli import main as cli_main
 from pipeline.data import LoaderOptions, build_loader
@@ -109,8 +109,9 @@ def _graph(shard_dir: Path, stage: str, batch: int, threads: int, variant: dict 
 WARM_BATCHES = 2  # not timed in any case: a pipeline's build and prefetch queue (2 deep) fill here
 
 
-def _steady_rate(batches, size_of) -> tuple[float, float]:
-    """(images/s after the first ``WARM_BATCHES`` batches, seconds until the first batch)."""
+def _steady_rate(batches, size_of, sync=lambda: None) -> tuple[float, float]:
+    """(images/s after the first ``WARM_BATCHES`` batches, seconds until the first batch); ``sync`` waits
+    for a device's queued work before the clock stops."""
     t_start = time.perf_counter()
     first = t0 = None
     images = 0
@@ -121,6 +122,7 @@ def _steady_rate(batches, size_of) -> tuple[float, float]:
             t0 = time.perf_counter()
         elif i >= WARM_BATCHES:
             images += size_of(b)
+    sync()
     return images / (time.perf_counter() - t0), first
 
 
@@ -186,14 +188,15 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
 
     starts: dict[str, list[float]] = {}  # per loader: seconds from the epoch's iter() to its first batch
 
-    def loader_case(backend: str, **opts):
-        loader = build_loader(shard_dir, "train", batch_size=batch, backend=backend, device="cpu",
+    def loader_case(backend: str, device: str = "cpu", **opts):
+        loader = build_loader(shard_dir, "train", batch_size=batch, backend=backend, device=device,
                               options=LoaderOptions(**opts))
         epochs = iter(range(1, 10_000))
 
         def once() -> float:
             loader.set_epoch(next(epochs))  # a new epoch each time, as in training (DALI builds a new pipeline)
-            rate, first = _steady_rate(loader, lambda b: b[0].shape[0])
+            rate, first = _steady_rate(loader, lambda b: b[0].shape[0],
+                                       torch.cuda.synchronize if device == "gpu" else lambda: None)
             starts.setdefault(backend, []).append(first)
             return rate
 
@@ -250,7 +253,8 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
         results.append(Result("load", f"breakdown: {stage}", "case", "ms_per_image", "ms/image", ms,
                               {**params, "from": a or "nothing", "to": b}))
     if torch.cuda.is_available():
-        results.append(Result("load", "dali-gpu", "case", METRIC, "images/s", [loader_case("dali")()], params))
+        gpu = loader_case("dali", "gpu", num_threads=cores)
+        results.append(Result("load", "dali-gpu", "case", METRIC, "images/s", [gpu() for _ in range(repeats)], params))
     return results
 
 
@@ -285,6 +289,17 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="tiny data, one repeat: checks the script runs")
     parser.add_argument("--workdir", type=Path, default=None, help="where images and shards are kept (reused)")
     parser.add_argument("--repeats", type=int, default=None, help="rounds of all cases (default 3, quick 1)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="also write the JSON/Markdown/plot report, as `pipeline bench` does, into this folder")
     args = parser.parse_args()
+    started, t0 = now_utc(), time.perf_counter()
     res = run(quick=args.quick, workdir=args.workdir, repeats=args.repeats)
+    if args.report:
+        import sys
+
+        from benchmarks.report import stage_report
+
+        stage_report("load", res, goals(res), args.report, quick=args.quick, started=started,
+                     seconds=time.perf_counter() - t0,
+                     command=" ".join(["python -m benchmarks.load_bench", *sys.argv[1:]]))
     _print(res, goals(res))

@@ -14,6 +14,21 @@ from pipeline.fileio import write_atomic
 _ROLE_COLOURS = {"case": "#1f77b4", "baseline": "#ff7f0e", "limit": "#7f7f7f"}
 
 
+def stage_report(stage: str, results: list, ratios: list, out_dir: Path, *, quick: bool, started: str,
+                 seconds: float, command: str) -> dict[str, Path]:
+    """One stage's report, as ``pipeline bench STAGE`` writes it, from a stage module run on its own
+    (``python -m benchmarks.STAGE_bench --report DIR``, which takes --repeats and size options the suite does not)."""
+    import socket
+
+    from benchmarks.common import machine_info
+
+    payload = {"format_version": 1, "started": started, "quick": quick, "stages": [stage], "machine": machine_info(),
+               "seconds": {stage: seconds}, "results": [r.to_dict() for r in results],
+               "goals": [g.to_dict() for g in ratios], "errors": {}, "command": command}
+    stem = f"{started[:10]}-{socket.gethostname().split('.')[0]}-{stage}" + ("-quick" if quick else "")
+    return write_report(payload, out_dir, stem)
+
+
 def write_report(payload: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Path]:
     """Write ``stem.json``, ``stem.md`` and the plots into ``out_dir``; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)

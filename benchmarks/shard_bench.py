@@ -34,7 +34,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import Ratio, Result, machine_info, ratio
+from benchmarks.common import Ratio, Result, machine_info, now_utc, ratio
 from benchmarks.images import make_imagenet_like
 from pipeline.shard import preprocess
 from pipeline.shard.build import build
@@ -171,8 +171,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny data, a few seconds")
     parser.add_argument("--workdir", type=Path, default=None, help="keep generated images here (reused)")
     parser.add_argument("--repeats", type=int, default=None, help="rounds of all cases (default 3, quick 1)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="also write the JSON/Markdown/plot report, as `pipeline bench` does, into this folder")
     args = parser.parse_args()
+    started, t0 = now_utc(), time.perf_counter()
     results = run(quick=args.quick, workdir=args.workdir, repeats=args.repeats)
+    if args.report:
+        import sys
+
+        from benchmarks.report import stage_report
+
+        stage_report("shard", results, goals(results), args.report, quick=args.quick, started=started,
+                     seconds=time.perf_counter() - t0,
+                     command=" ".join(["python -m benchmarks.shard_bench", *sys.argv[1:]]))
     info = machine_info()
     print(f"machine: {info['cpus']} CPUs, {info['processor']}; load avg (1 min) per case: "
           f"{results[0].params['load_avg_1m']}")

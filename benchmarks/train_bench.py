@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import FASHION_MNIST, Ratio, Result, machine_info, ratio
+from benchmarks.common import FASHION_MNIST, Ratio, Result, machine_info, now_utc, ratio
 
 MODEL = "seed_cnn"
 BATCH = 256  # per worker
@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="keep shards and Ray results here")
     parser.add_argument("--repeats", type=int, default=None, help="rounds of all cases (default 3, quick 1)")
     parser.add_argument("--images", type=int, default=None, help="training images (default 16384, quick 1024)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="also write the JSON/Markdown/plot report, as `pipeline bench` does, into this folder")
     parser.add_argument("--case", choices=["plain", "synthetic", "ddp", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
@@ -260,7 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.case:
         _run_case(args)
         return 0
+    started, t0 = now_utc(), time.perf_counter()
     results = run(quick=args.quick, workdir=args.workdir, repeats=args.repeats, images=args.images)
+    if args.report:
+        from benchmarks.report import stage_report
+
+        stage_report("train", results, goals(results), args.report, quick=args.quick, started=started,
+                     seconds=time.perf_counter() - t0,
+                     command=" ".join(["python -m benchmarks.train_bench", *sys.argv[1:]]))
     print(json.dumps(machine_info()))
     for r in results:
         print(f"{r.case:<28} median {r.median:10.1f} {r.unit:<9} ±{r.spread:.0%}  n={len(r.values)}  "

@@ -151,3 +151,19 @@ def test_tuning_split_is_carved_from_the_training_images(fmnist_dir, tmp_path):
     assert pairs(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])) == pairs(all_x, all_y)
     assert holdout_source(fmnist_dir, tmp_path / "again")  # same seed, same split
     assert read(tmp_path / "again", "t10k")[1].tolist() == val_y.tolist()
+
+
+def test_stage_module_writes_the_suites_report(tmp_path):
+    """`python -m benchmarks.<stage>_bench --report DIR` writes what `pipeline bench <stage>` writes, plus its command."""
+    from benchmarks.report import stage_report
+
+    payload = _payload()
+    results = [Result(**{k: r[k] for k in ("stage", "case", "role", "metric", "unit", "values", "params")})
+               for r in payload["results"]]
+    goals = [ratio(results, "pass-through / tar -cf", "pass-through", "tar -cf", metric="mb_per_s", goal=0.9)]
+    files = stage_report("shard", results, goals, tmp_path, quick=False, started="2026-01-01T00:00:00+00:00",
+                         seconds=2.0, command="python -m benchmarks.shard_bench --repeats 2")
+    saved = json.loads(files["json"].read_text())
+    assert files["json"].name.startswith("2026-01-01-") and files["json"].name.endswith("-shard.json")
+    assert saved["command"] == "python -m benchmarks.shard_bench --repeats 2" and saved["stages"] == ["shard"]
+    assert [r["median"] for r in saved["results"]] == [100.0, 52.5, 200.0] and saved["goals"][0]["met"] is False

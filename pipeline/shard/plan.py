@@ -79,15 +79,16 @@ def make_plan(listing: Listing, *, val_fraction: float, seed: int, samples_per_s
             shuffled = shuffled[:limit]
         current: list[Record] = []
         size = 0
+        index = 0  # counted, not recounted from ``plans``: that was quadratic in the shard count
         for r in shuffled:
             cost = r.size + TAR_OVERHEAD_PER_SAMPLE
             if current and (len(current) >= samples_per_shard or size + cost > shard_size):
-                plans.append(ShardPlan(split, sum(p.split == split for p in plans), tuple(current)))
-                current, size = [], 0
+                plans.append(ShardPlan(split, index, tuple(current)))
+                current, size, index = [], 0, index + 1
             current.append(r)
             size += cost
         if current:
-            plans.append(ShardPlan(split, sum(p.split == split for p in plans), tuple(current)))
+            plans.append(ShardPlan(split, index, tuple(current)))
     return plans
 
 

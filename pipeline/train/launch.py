@@ -151,7 +151,8 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
                 if tracking_uri:
                     _record_failure(storage_dir, exc)
                 raise
-    stopped = read_stop(storage_dir) if "://" not in storage_dir else None
+    # A stop asked for as the job was ending anyway is no stop: the last report says which it was.
+    stopped = read_stop(storage_dir) if "://" not in storage_dir and result.metrics.get("stopped") else None
     run = find_job_run(tracking_uri, cfg.tracking.experiment, storage_dir) if tracking_uri else None
     return TrainResult(
         run_name=str(cfg.run.name),

@@ -200,7 +200,8 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
         tracker.start(loop_config["run_key"], cfg.run.name, cfg.to_dict(),
                       tags={"pipeline.model": cfg.model.name, "pipeline.shards": str(shards),
                             **code_tags(loop_config.get("code", {})), **loop_config.get("run_tags", {})},
-                      datasets=dataset_inputs(shards, manifest, {"train": "training", cfg.data.val_split: "validation"}))
+                      datasets=dataset_inputs(shards, manifest,
+                                              {"train": "training", cfg.data.val_split: "validation"}))
         layout.log(tracker, state.epoch)
         if not tracker.resumed:
             import yaml
@@ -252,7 +253,8 @@ def _train_epoch(w: _Worker, epoch: int) -> ThroughputMeter | None:
         due, stop = w.control.poll(st.global_step)
         if stop or (due and st.step_in_epoch < w.steps_per_epoch):  # an epoch's end checkpoints anyway
             t0 = time.perf_counter()
-            _checkpoint(w, {"epoch": st.epoch, "global_step": st.global_step, "step_in_epoch": st.step_in_epoch})
+            _checkpoint(w, {"epoch": st.epoch, "global_step": st.global_step, "step_in_epoch": st.step_in_epoch,
+                            "stopped": int(stop)})  # the driver tells a stop from a job that ended anyway
             w.checkpoint_s, w.checkpoints = w.checkpoint_s + time.perf_counter() - t0, w.checkpoints + 1
         if stop:
             return None

@@ -11,7 +11,6 @@ asserted (the machine is shared).
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -80,7 +79,6 @@ def _check_run(uri: str, run_key: Path, epochs: int, steps: int, status: str = "
 
 
 def test_tracking_survives_a_late_server_and_a_60s_outage(tmp_path, capsys):
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     server = MlflowServer(tmp_path)
     store = tmp_path / "storage"
     try:

@@ -25,6 +25,9 @@ PY="$(dirname "$(command -v ray)")/python"
 [ -x "$PY" ] || PY=python3
 
 die() { echo "local.sh: $*" >&2; exit 2; }
+# Several nodes share this machine's cores: give a node's agents time to start when it is busy.
+export RAY_agent_register_timeout_ms="${RAY_agent_register_timeout_ms:-300000}"
+export RAY_raylet_start_wait_time_s="${RAY_raylet_start_wait_time_s:-300}"
 free_ports() { "$PY" -c '
 import socket, sys
 socks = [socket.socket() for _ in range(int(sys.argv[1]))]
@@ -78,13 +81,30 @@ wait_nodes() {  # until N nodes are alive (or a node's start failed)
   done
 }
 
-alive() {
-  RAY_AUTH_MODE=token "$PY" - "$(node_ip 0):$(cat "$STATE/gcs_port")" <<'PYEOF' 2>/dev/null || echo 0
+alive() {  # alive [IP]: the number of alive nodes, or the ids of the alive nodes at IP
+  RAY_AUTH_MODE=token "$PY" - "$(node_ip 0):$(cat "$STATE/gcs_port")" "${1:-}" <<'PYEOF' 2>/dev/null || echo 0
 import sys
 import ray
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-print(sum(1 for n in ray.nodes() if n["Alive"]))
+nodes = [n for n in ray.nodes() if n["Alive"]]
+if sys.argv[2]:
+    print(" ".join(sorted(n["NodeID"] for n in nodes if n["NodeManagerAddress"] == sys.argv[2])))
+else:
+    print(len(nodes))
 PYEOF
+}
+
+wait_rejoined() {  # wait_rejoined I IDS: until node I is alive under an id not in IDS (the lost one may linger)
+  local ip deadline=$(( $(date +%s) + ${PIPELINE_LOCAL_TIMEOUT:-240} )) id
+  ip="$(node_ip "$1")"
+  while :; do
+    for id in $(alive "$ip"); do
+      case " $2 " in *" $id "*) ;; *) return 0 ;; esac
+    done
+    [ "$(date +%s)" -lt "$deadline" ] || die "node $1 did not rejoin; log: $STATE/node-$1.log"
+    kill -0 "$(cat "$STATE/node-$1.pid")" 2>/dev/null || die "node $1 exited: $(tail -5 "$STATE/node-$1.log")"
+    sleep 2
+  done
 }
 
 print_env() {
@@ -146,8 +166,9 @@ case "$cmd" in
   start)
     [ "${1:-}" ] || die "usage: local.sh start I"
     [ -f "$STATE/node-$1.pid" ] && die "node $1 is running"
+    before="$(alive "$(node_ip "$1")")"
     start_node "$1"
-    wait_nodes "$(( $(alive) + 1 ))"
+    wait_rejoined "$1" "$before"
     ;;
   down)
     for f in "$STATE"/node-*.pid; do

@@ -5,6 +5,7 @@
 # need MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
 #   cluster/mlflow_server.sh                         # sqlite:///mlruns.db, artifacts in ./mlartifacts
 #   MLFLOW_HOST=10.0.0.5 MLFLOW_AUTH=1 cluster/mlflow_server.sh
+#   cluster/mlflow_server.sh --workers 1             # extra arguments go to `mlflow server`
 set -euo pipefail
 HOST="${MLFLOW_HOST:-127.0.0.1}"
 PORT="${MLFLOW_PORT:-5000}"
@@ -18,4 +19,4 @@ exec mlflow server \
   --backend-store-uri "$BACKEND" \
   --artifacts-destination "$ARTIFACTS" \
   --serve-artifacts \
-  "${AUTH_ARGS[@]}"
+  "${AUTH_ARGS[@]}" "$@"

@@ -256,19 +256,23 @@ class Tracker:
                    "tags": {**self._source_tags, **(tags or {})}, "step": step or self.last_epoch,
                    "version_tags": {k: str(v) for k, v in version_tags.items()}})
 
-    def end(self, status: str = "FINISHED", reason: str | None = None) -> int:
+    def end(self, status: str = "FINISHED", reason: str | None = None, timeout_s: float | None = None) -> int:
         """Mark the run ``FINISHED``/``FAILED``/``KILLED`` (``reason`` as the tag ``pipeline.end_reason``).
 
-        Waits at most ``flush_timeout_s`` for the backlog; returns the records
-        still unsent (kept in the spool for the next start or ``pipeline tracking sync``).
+        Waits at most ``timeout_s`` for the backlog (default ``flush_timeout_s``;
+        5 s at most for ``KILLED``: a preempted node has little time left) and
+        returns the records still unsent, kept in the spool for the next start or
+        ``pipeline tracking sync``.
         """
         from pipeline.train.sysmetrics import stop_node_monitor
 
         if self.queue is None:
             return 0
-        stop_node_monitor(min(self.flush_timeout_s, 10.0))  # this node's last samples before the run ends
+        if timeout_s is None:
+            timeout_s = min(self.flush_timeout_s, 5.0) if status == "KILLED" else self.flush_timeout_s
+        stop_node_monitor(min(timeout_s, 5.0))  # this node's last samples before the run ends
         self._put({"t": "end", "status": status, "reason": reason})
-        left = self.queue.close(self.flush_timeout_s)
+        left = self.queue.close(timeout_s)
         self.queue = None
         return left
 

@@ -419,12 +419,13 @@ class TrackingQueue:
 
     def close(self, timeout_s: float = 30.0) -> int:
         """Flush for at most ``timeout_s``, stop both threads; returns the records left unsent (kept in the spool)."""
+        deadline = time.monotonic() + timeout_s
         self._q.put(None)
-        self._spooler.join(timeout_s)
-        self.flush(max(timeout_s, 0.0))
+        self._spooler.join(max(deadline - time.monotonic(), 1.0))  # local disk: quick
+        self.flush(max(deadline - time.monotonic(), 0.0))
         self._stop.set()
         self._wake.set()
-        self._sender.join(5.0)
+        self._sender.join(1.0)  # one stuck in a request is a daemon thread: it ends with the process
         return self.spool.unsent()
 
 

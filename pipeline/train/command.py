@@ -81,6 +81,8 @@ def run_train(args: argparse.Namespace) -> int:
 
         print(f"pipeline train: stopped by {result.stopped} after a checkpoint at {result.checkpoint_path}; "
               f"run the same command again to continue (--set run.name={result.run_name})", file=sys.stderr)
+        if result.tracking_behind:
+            print(result.tracking_behind, file=sys.stderr)
         return exit_code(result.stopped)
     print(summary(result))
     return 0

@@ -29,6 +29,7 @@ class TrainResult:
     mlflow_run_id: str | None
     tracking_uri: str | None
     stopped: str | None = None  # why the job stopped early (SIGTERM/SIGINT), after its stop checkpoint
+    tracking_behind: str | None = None  # set when tracking records are still waiting for the server
 
 
 def resolve_paths(cfg: TrainConfig, cwd: Path | None = None) -> TrainConfig:
@@ -101,10 +102,12 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
 
     from pipeline.train.console import DriverConsole, train_log_level
     from pipeline.shard.manifest import read_manifest
+    from pipeline.train.lineage import capture_code
     from pipeline.train.loop import train_loop_per_worker
     from pipeline.train.preempt import clear_stop, read_stop, stop_on_signals
     from pipeline.train.topology import check_nodes, index_digest
-    from pipeline.train.tracking import default_artifact_location, find_job_run, resolve_tracking_uri
+    from pipeline.train.tracking import (default_artifact_location, find_job_run, job_run_id, resolve_tracking_uri,
+                                         tracking_behind)
 
     cfg = resolve_paths(cfg)
     # A missing or partial shard set, or weights that cannot fit, is a user error before any worker starts.
@@ -121,6 +124,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
         "tracking_uri": tracking_uri,
         "artifact_location": artifact_location,
         "run_key": storage_dir,  # identifies the job's MLflow run across restarts
+        "code": capture_code(),  # the commit of this checkout: `ray job submit` uploads a copy without .git
         "index_sha256": index_digest(cfg.data.shards),  # every worker's node must see this very index.json
         "run_tags": dict(run_tags or {}),
     }
@@ -153,15 +157,20 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
                 raise
     # A stop asked for as the job was ending anyway is no stop: the last report says which it was.
     stopped = read_stop(storage_dir) if "://" not in storage_dir and result.metrics.get("stopped") else None
-    run = find_job_run(tracking_uri, cfg.tracking.experiment, storage_dir) if tracking_uri else None
+    # The run id from the job's tracking spool: no call to a tracking server that may be down.
+    run_id = job_run_id(storage_dir) if tracking_uri else None
+    if tracking_uri and run_id is None and "://" in storage_dir:  # the spool is on rank 0's node
+        run = find_job_run(tracking_uri, cfg.tracking.experiment, storage_dir)
+        run_id = run.info.run_id if run else None
     return TrainResult(
         run_name=str(cfg.run.name),
         metrics=dict(result.metrics or {}),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         storage_dir=storage_dir,
-        mlflow_run_id=run.info.run_id if run else None,
+        mlflow_run_id=run_id,
         tracking_uri=tracking_uri,
         stopped=stopped,
+        tracking_behind=tracking_behind(storage_dir) if tracking_uri and "://" not in storage_dir else None,
     )
 
 
@@ -202,6 +211,8 @@ def summary(res: TrainResult) -> str:
     if res.mlflow_run_id:
         lines.append(f"MLflow run {res.mlflow_run_id} ({res.run_name}); view it with: {ui_hint(res.tracking_uri)}")
     lines.append(f"resume or extend this job: --set run.name={res.run_name} --set train.epochs=N")
+    if res.tracking_behind:
+        lines.append(res.tracking_behind)  # last, where it is seen
     return "\n".join(lines)
 
 

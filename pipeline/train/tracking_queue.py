@@ -451,6 +451,7 @@ def sync(spool_dir: str | Path) -> tuple[int, str | None]:
     job = read_job(d)
     if not job:
         raise FileNotFoundError(d / JOB_FILE)
+    http_env_defaults()  # an unreachable server fails fast instead of MLflow's minutes of retries
     sent = 0
     run_id = None
     names = [RECORDS] + sorted(p.stem for p in d.glob("system-*.jsonl"))

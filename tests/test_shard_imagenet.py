@@ -170,3 +170,24 @@ def test_flat_val_folder_with_index_labels(built, tmp_path):
     assert shard(src, out, "--val-labels", str(tmp_path / "val.txt")) == 0
     want = {s["__key__"]: (s["cls"], s["jpg"]) for s in samples(built["folder"][1], "val")}
     assert {s["__key__"]: (s["cls"], s["jpg"]) for s in samples(out, "val")} == want
+
+
+def test_more_shards_than_the_open_file_limit(tmp_path):
+    """Build, verify and read 150 one-sample shards with `ulimit -n 100`: nothing holds a descriptor per shard."""
+    src = tmp_path / "src"
+    generate(src, layout="tar", num_classes=5, per_class=30, seed=1, pool=4)
+    script = f"""
+import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (100, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from pipeline.cli import main
+from pipeline.data import make_loader
+out = {str(tmp_path / 'out')!r}
+assert main(["shard", {str(src)!r}, out, "--no-progress", "--samples-per-shard", "1", "--check", "header"]) == 0
+assert main(["verify", out]) == 0
+for backend in ("dali", "torch"):
+    loader = make_loader(out, "train", batch_size=50, backend=backend, device="cpu")
+    print(backend, sum(len(labels) for _, labels in loader))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dali 150" in proc.stdout and "torch 150" in proc.stdout

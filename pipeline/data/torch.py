@@ -42,6 +42,9 @@ from pipeline.data.split import (PAD_LABEL, SHUFFLE_BUFFER, LoaderBase, Shard, S
                                  locate, read_index)
 
 log = logging.getLogger(__name__)
+# Shard files a reader keeps open at once (the oldest is closed first): reads follow the shuffle
+# window, which touches a few shards at the default size, so this bounds descriptors, not speed.
+MAX_OPEN_SHARDS = 64
 
 
 def build_transform(preset: Preset, *, train: bool) -> v2.Transform:
@@ -169,6 +172,9 @@ class _RankStream(IterableDataset):
     def _read(self, tar: Path, member: Any) -> bytes:
         f = self._files.get(tar)
         if f is None:
+            if len(self._files) >= MAX_OPEN_SHARDS:
+                # Bounded: with thousands of shards per rank, one handle each would pass `ulimit -n`.
+                self._files.pop(next(iter(self._files))).close()
             f = self._files[tar] = open(tar, "rb")  # noqa: SIM115 - kept open for the epoch, closed in __iter__
         f.seek(member.offset)
         data = f.read(member.size)

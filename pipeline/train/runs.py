@@ -35,7 +35,7 @@ def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.0f}"
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"  # ratios and losses vs rates
     text = str(value)
     return text if len(text) <= VALUE_WIDTH else "…" + text[-(VALUE_WIDTH - 1):]
 

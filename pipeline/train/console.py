@@ -99,10 +99,16 @@ class ConsoleSink:
 
 
 def sink_actor():
-    """A ``ConsoleSink`` actor that needs no CPU."""
-    import ray
+    """A ``ConsoleSink`` actor that needs no CPU, on the driver's node.
 
-    return ray.remote(num_cpus=0, max_restarts=0)(ConsoleSink).remote()
+    Pinned there because a worker node that dies (and with it any actor placed on
+    it) must not silence the console for the rest of the job.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, max_restarts=0)(ConsoleSink).options(scheduling_strategy=here).remote()
 
 
 class WorkerConsole:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -231,8 +232,10 @@ class DriverConsole:
         _, epoch, epochs, figures, step, steps = event
         if self._bar is None or epoch != self._bar_epoch:
             self._close_bar()
+            # Size per epoch: tqdm hides its bar on a terminal that reports 0×0 (a bare pty).
+            size = shutil.get_terminal_size((100, 24))
             self._bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="step", file=self.stream,
-                             dynamic_ncols=True, leave=False)
+                             ncols=size.columns, nrows=size.lines, leave=False)
             self._bar_epoch = epoch
         self._bar.update(step - self._bar.n)
         if figures is not None:

@@ -15,7 +15,8 @@ _DEFAULT_WORK = Path(__file__).resolve().parent / "data"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("stage", nargs="?", default="all", choices=["shard", "load", "train", "scale", "gpu", "all"],
+    parser.add_argument("stage", nargs="?", default="all",
+                        choices=["shard", "load", "train", "scale", "gpu", "resume", "all"],
                         help="which stage to benchmark (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny data and one repeat: checks the suite end to end in seconds, figures meaningless")

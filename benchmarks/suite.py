@@ -23,10 +23,11 @@ STAGES = {
     "train": "benchmarks.train_bench",
     "gpu": "benchmarks.gpu_bench",  # without CUDA: builds its JPEG shards, prints one line, no figures
     "scale": "benchmarks.scale_bench",
+    "resume": "benchmarks.resume_bench",  # step checkpoint cost, restart vs fresh start-up (Ray jobs)
 }
 
 # Run by name only, not by "all": the cost-growth series takes tens of minutes at its default sizes.
-ON_DEMAND = {"scale"}
+ON_DEMAND = {"scale", "resume"}  # resume: several Ray jobs
 
 
 def run_suite(stages: list[str], *, quick: bool, workdir: Path, progress: Any = None) -> dict[str, Any]:

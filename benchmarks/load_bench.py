@@ -240,7 +240,8 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
     for name, role, _, extra in plan:
         p = {**params, **extra, "load_avg_1m": [round(x, 2) for x in load]}
         if name.startswith("resize "):
-            p["psnr_db_vs_loader_resize"] = round(psnr[name[len("resize "):]], 2)
+            db = psnr[name[len("resize "):]]
+            p["psnr_db_vs_loader_resize"] = round(db, 2) if db != float("inf") else "identical output"
         results.append(Result("load", name, role, METRIC, "images/s", rates[name], p))
     for backend, secs in starts.items():
         results.append(Result("load", f"{'dali-cpu' if backend == 'dali' else backend} epoch start", "baseline",
@@ -278,7 +279,7 @@ def _print(results: list[Result], ratios: list[Ratio]) -> None:
     for r in results:
         psnr = r.params.get("psnr_db_vs_loader_resize")
         print(f"{r.case:<28} {r.role:<9} {r.median:>8.2f} {r.unit} ±{r.spread:>4.0%}"
-              + ("" if psnr is None else f"  PSNR {psnr:.1f} dB vs loader resize"))
+              + ("" if psnr is None else f"  PSNR {psnr} dB vs loader resize"))
     for g in ratios:
         verdict = "" if g.goal is None else f"  goal ≥ {g.goal:g}: {'met' if g.met else 'NOT met'}"
         print(f"{g.name:<40} {g.value:6.2f}{verdict}")

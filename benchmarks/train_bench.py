@@ -184,8 +184,10 @@ def _one(name: str, kind: str, workers: int, shards: Path, workdir: Path, epochs
     out = workdir / f"case-{name}-{time.time_ns()}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    # A session of its own: with the kernel's autogroup scheduling, CPU under contention is shared per
+    # session, so every case gets one share, whatever else the benchmark's own session runs.
     proc = subprocess.run(_command(kind, workers, shards, workdir, epochs, out), env=env, capture_output=True,
-                          text=True, timeout=1800)
+                          text=True, timeout=1800, start_new_session=True)
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"case {name} exited with {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}")
     data = json.loads(out.read_text())

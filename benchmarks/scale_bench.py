@@ -408,7 +408,7 @@ def plot(results: list[Result], path: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=2, metavar=("KIND", "ARGS"), help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds; figures meaningless")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, about a minute; figures meaningless")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help=f"N values (default: {SIZES})")
     parser.add_argument("--workdir", type=Path, default=None, help="generated collections, kept for reuse")
     parser.add_argument("--out", type=Path, default=None, help="write scale-<host>.json/.md/.png here")

@@ -132,7 +132,9 @@ def train(config: str, shards: Path, storage: Path, overrides: list[str]) -> dic
 
 
 def test_top1(storage: Path, run_name: str, shards: Path) -> tuple[float, float, str]:
-    """``pipeline evaluate`` of the job's last checkpoint on the shard set's val split (t10k): (top-1, seconds, path)."""
+    """``pipeline evaluate`` of the job's last checkpoint on the shard set's val split (t10k).
+
+    Returns (top-1, seconds, checkpoint path)."""
     from pipeline.train.checkpoint import load_meta
     from pipeline.train.evaluate import evaluate_model
 
@@ -148,7 +150,7 @@ def test_top1(storage: Path, run_name: str, shards: Path) -> tuple[float, float,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0])
     p.add_argument("--phase", default="test", choices=("tune", "test"),
-                   help="tune: train on 54,000 and report the 6,000 held out; test: train on 60,000, evaluate t10k once")
+                   help="tune: train on 54,000, report the 6,000 held out; test: train on 60,000, evaluate t10k once")
     p.add_argument("--config", default="all", choices=(*TARGETS, "all"))
     p.add_argument("--shards", type=Path, default=None,
                    help=f"shard directory (default: {DEFAULT_SHARDS}, or its -holdout sibling for --phase tune)")

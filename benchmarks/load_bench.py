@@ -88,7 +88,8 @@ def _graph(shard_dir: Path, stage: str, batch: int, threads: int, variant: dict 
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=None, seed=seed, prefetch_queue_depth=2)
     def graph():
         encoded, _ = fn.readers.webdataset(
-            paths=[str(shard_dir / s["tar"]) for s in shards], index_paths=[str(shard_dir / s["index"]) for s in shards],
+            paths=[str(shard_dir / s["tar"]) for s in shards],
+            index_paths=[str(shard_dir / s["index"]) for s in shards],
             ext=["jpg", "cls"], random_shuffle=True, initial_fill=256, pad_last_batch=True, name="Reader")
         images = fn.decoders.image_random_crop(encoded, device="cpu", output_type=types.RGB,
                                                random_area=list(preset.scale), random_aspect_ratio=list(preset.ratio),

@@ -6,7 +6,8 @@ interleaved (A B C … A B C …), medians of the repeats:
 
   build Nw             ``pipeline shard`` (decode check: every JPEG decoded at 1/8 DCT scale) with N workers
   per-image work Nw    limit: the same per-image work in a bare loop over N processes (a fork pool
-                       started inside the clock, as the build's): read the file + ``preprocess.process_file`` + sha256 + write a
+                       started inside the clock, as the build's): read the file + ``preprocess.process_file``
+                       + sha256 + write a
                        ustar member into one file per shard, fsynced — no planning, markers, idx or manifest
   build --check header the header-checked build (no decode) with all workers
   tar -cf              GNU tar packing the same folder: the byte-copy reference (no check, no hash, no fsync)
@@ -143,7 +144,8 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
                 results.append(Result("shard", name, "baseline", "startup_s", "s", secs[name], {**common, **params}))
                 continue
             p = {**common, **params}
-            results.append(Result("shard", name, role, "images_per_s", "images/s", [len(files) / s for s in secs[name]], p))
+            results.append(Result("shard", name, role, "images_per_s", "images/s",
+                                  [len(files) / s for s in secs[name]], p))
             results.append(Result("shard", name, role, "mb_per_s", "MB/s", [nbytes / 1e6 / s for s in secs[name]], p))
         return results
     finally:

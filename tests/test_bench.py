@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,7 +71,11 @@ def test_quick_suite_writes_report_and_mlflow_run(tmp_path):
     stages = {r["stage"] for r in payload["results"]}
     assert stages == {"shard", "load", "train"}
     for r in payload["results"]:
-        assert r["role"] in ("case", "baseline", "limit") and r["values"] and all(v > 0 for v in r["values"])
+        assert r["role"] in ("case", "baseline", "limit") and r["values"]
+        if r["metric"] == "ms_per_image":  # a difference of two stages' times: noise can make it negative
+            assert all(math.isfinite(v) for v in r["values"]), r
+        else:
+            assert all(v > 0 for v in r["values"]), r
     assert {g["name"] for g in payload["goals"]} >= {"build --check header / tar -cf", "DALI-CPU / DALI ROI decode",
                                                      "torchrun 2 / plain loop"}
     # Each training case reports the settings its step really ran with (read back from the step, the
@@ -154,7 +159,7 @@ def test_tuning_split_is_carved_from_the_training_images(fmnist_dir, tmp_path):
 
 
 def test_stage_module_writes_the_suites_report(tmp_path):
-    """`python -m benchmarks.<stage>_bench --report DIR` writes what `pipeline bench <stage>` writes, plus its command."""
+    """`python -m benchmarks.<stage>_bench --report DIR` writes what `pipeline bench <stage>` writes, and its command."""
     from benchmarks.report import stage_report
 
     payload = _payload()

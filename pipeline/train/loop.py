@@ -1,10 +1,14 @@
 """``train_loop_per_worker``: what every Ray Train worker runs.
 
-One function for all ranks. Every rank trains, evaluates its share of the
-validation split and calls ``ray.train.report`` once per epoch; rank 0 alone
-writes checkpoints and talks to MLflow. Validation sums (loss, top-1, top-5,
-confusion matrix) are all-reduced, so the figures cover the whole split exactly
-once: the loader pads the last batches with label -1, which every metric skips.
+One function for all ranks: setup, then for each epoch, for each step, a
+checkpoint when one is due (``pipeline.train.preempt.Control`` decides, the same
+on every rank). Every rank evaluates its share of the validation split and calls
+``ray.train.report`` at each checkpoint, with its own part of it (its RNGs and
+loader position; rank 0 adds the model and optimizer, see
+``pipeline.train.state``); rank 0 alone talks to MLflow. Validation sums (loss,
+top-1, top-5, confusion matrix) are all-reduced, so the figures cover the whole
+split exactly once: the loader pads the last batches with label -1, which every
+metric skips.
 """
 
 from __future__ import annotations

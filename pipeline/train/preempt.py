@@ -35,7 +35,7 @@ from pipeline.fileio import write_atomic
 
 STOP_FILE = "STOP"
 CHECK_PERIOD_S = 1.0  # target time between the ranks' agreed checks
-MAX_CHECK_INTERVAL = 1000  # steps
+MAX_CHECK_INTERVAL = 100  # steps: bounds the wait when steps that were fast turn slow
 
 
 def stop_path(storage_dir: str | Path) -> Path:

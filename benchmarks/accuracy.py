@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = machine_info()
-    path = RESULTS / f"accuracy-{args.phase}-{time.strftime('%Y%m%d')}-{info['host']}.json"
+    which = "" if args.config == "all" else f"-{args.config}"  # one config's run does not replace another's
+    path = RESULTS / f"accuracy-{args.phase}{which}-{time.strftime('%Y%m%d')}-{info['host']}.json"
     path.write_text(json.dumps({"suite": "accuracy", "phase": args.phase, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                 "machine": info, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
                                 "shards": str(shards), "results": results}, indent=1) + "\n")

@@ -131,7 +131,7 @@ def test_mlflow_run_holds_params_artifacts_and_model(killed_run, work):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(work["uri"])  # runs:/ URIs resolve against the process-wide tracking URI
     try:
-        model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")  # the torch.export program
+        model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/seed_cnn")  # named after the architecture
     finally:
         mlflow.set_tracking_uri(previous)
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)

@@ -90,6 +90,17 @@ def _scaling_config(cfg: TrainConfig, scaling_config_cls):
                               elastic_resize_monitor_interval_s=s.resize_check_s)
 
 
+def _create_sqlite_store(uri: str) -> None:
+    """Create (or migrate) a local SQLite store once, here, before any worker opens it.
+
+    MLflow creates and migrates the schema on first open; several workers opening a new
+    store at once, or a worker killed mid-migration, leave it half-migrated.
+    """
+    import mlflow
+
+    mlflow.MlflowClient(uri).search_experiments(max_results=1)
+
+
 def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_tags: dict[str, str] | None = None,
         callbacks: tuple = ()) -> TrainResult:
     """Train ``cfg`` on Ray Train; a job with the same ``run.name`` and storage path resumes from its checkpoint.
@@ -118,6 +129,8 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
     artifact_location = (default_artifact_location(tracking_uri, cfg.tracking.artifact_location)
                          if tracking_uri else None)
+    if tracking_uri and tracking_uri.startswith("sqlite:///"):
+        _create_sqlite_store(tracking_uri)
     storage_dir = f"{str(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
     loop_config = {
         "cfg": cfg.to_dict(),

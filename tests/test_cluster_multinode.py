@@ -253,7 +253,7 @@ def test_elastic_job_shrinks_on_node_loss_and_grows_back(cluster, shards, tmp_pa
     assert len(_restarts(run)) >= 3  # the start, the shrink, the regrowth
 
 
-@pytest.mark.xfail(strict=True, reason="seen once: after the node came back the group started again from "
+@pytest.mark.xfail(strict=False, reason="seen once: after the node came back the group started again from "
                    "epoch 0 instead of the epoch-1 checkpoint (the epoch was not logged twice, but it was trained "
                    "twice); not yet explained")
 def test_fixed_size_job_resumes_from_checkpoint_when_the_node_is_back(cluster, shards, tmp_path):

@@ -250,7 +250,9 @@ def test_elastic_job_shrinks_on_node_loss_and_grows_back(cluster, shards, tmp_pa
     sizes = [int(v) for _, v in _epoch_history(client, run.info.run_id, "world_size")]
     assert sizes[0] == 2 and 1 in sizes, sizes
     assert sizes[-1] == 2 and sizes.index(1) < len(sizes) - 1 - sizes[::-1].index(1), f"no regrowth: {sizes}"
-    assert len(_restarts(run)) >= 3  # the start, the shrink, the regrowth
+    # The start, the shrink and the regrowth each tag the epoch they start from; a shrink before
+    # the first checkpoint starts from the same epoch as the start and shares its tag.
+    assert len(_restarts(run)) >= 2
 
 
 @pytest.mark.xfail(strict=False, reason="seen once: after the node came back the group started again from "

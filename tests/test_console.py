@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def test_train_console_has_each_line_once_and_no_ray_noise(tmp_path, fmnist_dir)
     shards = tmp_path / "fm"
     assert main(["shard", str(fmnist_dir), str(shards), "--limit", "512", "--samples-per-shard", "256",
                  "--no-progress"]) == 0
-    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TMPDIR": tempfile.mkdtemp(prefix="pl-", dir="/tmp"), "PYTHONUNBUFFERED": "1"}  # short: Ray's socket paths
     env.pop("RAY_ADDRESS", None)
     cmd = [str(Path(sys.executable).with_name("pipeline")), "train", "--config", "fashion_mnist",
            "--set", f"data.shards={shards}", "--set", "train.epochs=2", "--set", "train.log_every_steps=2",

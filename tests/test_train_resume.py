@@ -253,6 +253,9 @@ def _train_cmd(shards: Path, root: Path, name: str) -> list[str]:
 def test_sigterm_to_the_driver_checkpoints_marks_killed_and_resubmit_continues(jobs, shards):
     root, uri = jobs["root"], jobs["uri"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The ranks agree on a stop at every step here: on a quiet machine this 8-step job would
+    # otherwise end within one default 1 s check period of the signal.
+    env["PIPELINE_STOP_CHECK_S"] = "0"
     cmd = _train_cmd(shards, root, "stopped")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

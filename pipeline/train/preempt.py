@@ -34,7 +34,8 @@ import torch
 from pipeline.fileio import write_atomic
 
 STOP_FILE = "STOP"
-CHECK_PERIOD_S = 1.0  # target time between the ranks' agreed checks
+# Target time between the ranks' agreed checks; PIPELINE_STOP_CHECK_S overrides it (0: every step).
+CHECK_PERIOD_S = float(os.environ.get("PIPELINE_STOP_CHECK_S", "1.0"))
 MAX_CHECK_INTERVAL = 100  # steps: bounds the wait when steps that were fast turn slow
 
 

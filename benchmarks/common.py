@@ -73,6 +73,11 @@ class Ratio:
         d["met"] = self.met
         return d
 
+    def line(self) -> str:
+        """The ratio and its verdict, as the stage modules print it."""
+        verdict = "" if self.goal is None else f"  (goal ≥ {self.goal:g}: {'met' if self.met else 'NOT met'})"
+        return f"{self.name:<40} {self.value:.3f}{verdict}"
+
 
 def repeat(fn: Callable[[], float], repeats: int, warmup: int = 1) -> list[float]:
     """Call ``fn`` ``warmup`` times (discarded), then ``repeats`` times; returns its figures."""

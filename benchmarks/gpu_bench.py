@@ -183,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.case:<32} median {r.median:9.1f} images/s ±{r.spread:.0%} n={len(r.values)} "
               f"mean {statistics.fmean(r.values):.1f}")
     for g in goals(results):
-        verdict = "" if g.goal is None else (" goal met" if g.met else f" goal {g.goal} NOT met")
-        print(f"{g.name:<40} {g.value:.3f}{verdict}")
+        print(g.line())
     return 0
 
 

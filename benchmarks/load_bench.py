@@ -37,6 +37,7 @@ from PIL import Image
 
 from benchmarks.common import Ratio, Result, machine_info, now_utc, ratio
 from benchmarks.images import make_imagenet_like
+from benchmarks.report import report_if_asked, stage_options
 from pipeline.cli import main as cli_main
 from pipeline.data import LoaderOptions, build_loader
 from pipeline.data.presets import get_preset
@@ -282,26 +283,16 @@ def _print(results: list[Result], ratios: list[Ratio]) -> None:
         print(f"{r.case:<28} {r.role:<9} {r.median:>8.2f} {r.unit} ±{r.spread:>4.0%}"
               + ("" if psnr is None else f"  PSNR {psnr} dB vs loader resize"))
     for g in ratios:
-        verdict = "" if g.goal is None else f"  goal ≥ {g.goal:g}: {'met' if g.met else 'NOT met'}"
-        print(f"{g.name:<40} {g.value:6.2f}{verdict}")
+        print(g.line())
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny data, one repeat: checks the script runs")
-    parser.add_argument("--workdir", type=Path, default=None, help="where images and shards are kept (reused)")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds of all cases (default 3, quick 1)")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="also write the JSON/Markdown/plot report, as `pipeline bench` does, into this folder")
+    stage_options(parser, quick="tiny data, one repeat: checks the script runs",
+                  workdir="where images and shards are kept (reused)")
     args = parser.parse_args()
     started, t0 = now_utc(), time.perf_counter()
     res = run(quick=args.quick, workdir=args.workdir, repeats=args.repeats)
-    if args.report:
-        import sys
-
-        from benchmarks.report import stage_report
-
-        stage_report("load", res, goals(res), args.report, quick=args.quick, started=started,
-                     seconds=time.perf_counter() - t0,
-                     command=" ".join(["python -m benchmarks.load_bench", *sys.argv[1:]]))
+    report_if_asked("load", "benchmarks.load_bench", args, res, goals(res), started=started,
+                    seconds=time.perf_counter() - t0)
     _print(res, goals(res))

@@ -14,6 +14,26 @@ from pipeline.fileio import write_atomic
 _ROLE_COLOURS = {"case": "#1f77b4", "baseline": "#ff7f0e", "limit": "#7f7f7f"}
 
 
+def stage_options(parser, *, quick: str, workdir: str, repeats: bool = True) -> None:
+    """The options every stage module takes when run on its own: --quick, --workdir, --repeats, --report."""
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--workdir", type=Path, default=None, help=workdir)
+    if repeats:
+        parser.add_argument("--repeats", type=int, default=None, help="rounds of all cases (default 3, quick 1)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="also write the JSON/Markdown/plot report, as `pipeline bench` does, into this folder")
+
+
+def report_if_asked(stage: str, module: str, args, results: list, ratios: list, *, started: str,
+                    seconds: float) -> None:
+    """``stage_report`` into ``args.report`` when the stage module was given ``--report DIR``."""
+    import sys
+
+    if args.report is not None:
+        stage_report(stage, results, ratios, args.report, quick=args.quick, started=started, seconds=seconds,
+                     command=" ".join([f"python -m {module}", *sys.argv[1:]]))
+
+
 def stage_report(stage: str, results: list, ratios: list, out_dir: Path, *, quick: bool, started: str,
                  seconds: float, command: str) -> dict[str, Path]:
     """One stage's report, as ``pipeline bench STAGE`` writes it, from a stage module run on its own

@@ -183,8 +183,7 @@ def _print(results: list[Result], ratios: list[Ratio]) -> None:
         print(f"{r.case:48s} {r.metric:13s} median {r.median:9.4f} {r.unit:8s} ±{r.spread:.0%}  "
               f"values {', '.join(f'{v:.4f}' for v in r.values)}")
     for g in ratios:
-        verdict = "n/a" if g.met is None else ("met" if g.met else "NOT met")
-        print(f"{g.name}: {g.value:.4f} (goal >= {g.goal:.4f}) {verdict}")
+        print(g.line())
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from benchmarks.common import Ratio, Result, machine_info, now_utc, ratio
 from benchmarks.images import make_imagenet_like
+from benchmarks.report import report_if_asked, stage_options
 from pipeline.shard import preprocess
 from pipeline.shard.build import build
 from pipeline.shard.config import ShardConfig
@@ -170,22 +171,12 @@ def goals(results: list[Result]) -> list[Ratio]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny data, a few seconds")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep generated images here (reused)")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds of all cases (default 3, quick 1)")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="also write the JSON/Markdown/plot report, as `pipeline bench` does, into this folder")
+    stage_options(parser, quick="tiny data, a few seconds", workdir="keep generated images here (reused)")
     args = parser.parse_args()
     started, t0 = now_utc(), time.perf_counter()
     results = run(quick=args.quick, workdir=args.workdir, repeats=args.repeats)
-    if args.report:
-        import sys
-
-        from benchmarks.report import stage_report
-
-        stage_report("shard", results, goals(results), args.report, quick=args.quick, started=started,
-                     seconds=time.perf_counter() - t0,
-                     command=" ".join(["python -m benchmarks.shard_bench", *sys.argv[1:]]))
+    report_if_asked("shard", "benchmarks.shard_bench", args, results, goals(results), started=started,
+                    seconds=time.perf_counter() - t0)
     info = machine_info()
     print(f"machine: {info['cpus']} CPUs, {info['processor']}; load avg (1 min) per case: "
           f"{results[0].params['load_avg_1m']}")
@@ -193,8 +184,7 @@ def main() -> None:
         print(f"{r.case:<24} {r.role:<9} {r.metric:<12} {r.median:>9.2f} ±{r.spread:>4.0%}  "
               f"{[round(v, 2) for v in r.values]}")
     for g in goals(results):
-        goal = "" if g.goal is None else f"  (goal ≥ {g.goal}: {'met' if g.met else 'NOT met'})"
-        print(f"{g.name}: {g.value:.2f}{goal}")
+        print(g.line())
 
 
 if __name__ == "__main__":

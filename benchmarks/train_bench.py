@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import FASHION_MNIST, Ratio, Result, machine_info, now_utc, ratio
+from benchmarks.report import report_if_asked, stage_options
 
 MODEL = "seed_cnn"
 BATCH = 256  # per worker
@@ -249,12 +250,9 @@ def goals(results: list[Result]) -> list[Ratio]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1024 images, 2 epochs, no Ray cases: checks it runs")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep shards and Ray results here")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds of all cases (default 3, quick 1)")
+    stage_options(parser, quick="1024 images, 2 epochs, no Ray cases: checks it runs",
+                  workdir="keep shards and Ray results here")
     parser.add_argument("--images", type=int, default=None, help="training images (default 16384, quick 1024)")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="also write the JSON/Markdown/plot report, as `pipeline bench` does, into this folder")
     parser.add_argument("--case", choices=["plain", "synthetic", "ddp", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
@@ -266,19 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started, t0 = now_utc(), time.perf_counter()
     results = run(quick=args.quick, workdir=args.workdir, repeats=args.repeats, images=args.images)
-    if args.report:
-        from benchmarks.report import stage_report
-
-        stage_report("train", results, goals(results), args.report, quick=args.quick, started=started,
-                     seconds=time.perf_counter() - t0,
-                     command=" ".join(["python -m benchmarks.train_bench", *sys.argv[1:]]))
+    report_if_asked("train", "benchmarks.train_bench", args, results, goals(results), started=started,
+                    seconds=time.perf_counter() - t0)
     print(json.dumps(machine_info()))
     for r in results:
         print(f"{r.case:<28} median {r.median:10.1f} {r.unit:<9} ±{r.spread:.0%}  n={len(r.values)}  "
               f"{[round(v) for v in r.values]}")
     for g in goals(results):
-        verdict = "" if g.goal is None else ("  goal met" if g.met else f"  goal {g.goal} NOT met")
-        print(f"{g.name:<40} {g.value:.3f}{verdict}")
+        print(g.line())
     return 0
 
 

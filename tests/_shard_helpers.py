@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import signal
+import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +100,24 @@ def read_samples(tar_path: Path) -> list[dict]:
 def dir_bytes(out: Path) -> dict[str, bytes]:
     """Every visible output file's bytes (shards, indexes, index.json)."""
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if not p.name.startswith(".")}
+
+
+def kill_build_after(cmd: list[str], out: Path, shards_done: int, *, cwd: Path | None = None,
+                     timeout: float = 120) -> int:
+    """Run a ``pipeline shard`` command in its own process group and SIGKILL the whole group (the build
+    and any pool workers, as a scheduler or the OOM killer would) once ``shards_done`` shards are
+    finished. Returns how many shards were done; fails if the build ended before it could be killed."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while len(list(out.glob(".*.done.json"))) < shards_done:  # some shards finished, most not yet
+            assert proc.poll() is None, "the build finished before it could be killed"
+            assert time.monotonic() < deadline, f"fewer than {shards_done} shards done after {timeout} s"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "index.json").exists()
+    return len(list(out.glob(".*.done.json")))

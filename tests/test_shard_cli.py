@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from _shard_helpers import dir_bytes
+from _shard_helpers import dir_bytes, kill_build_after
 from conftest import make_label_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,20 +104,8 @@ def test_sigkill_of_a_two_worker_build_then_resume_is_byte_identical(fmnist_dir,
     assert main(["shard", args[0], str(ref), *args[1:]]) == 0
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pipeline", "shard", args[0], str(out), *args[1:]]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # its own group: the kill reaches the pool workers, nothing else
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(out.glob(".*.done.json"))) < 3:
-            assert proc.poll() is None, "the build finished before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    done = len(list(out.glob(".*.done.json")))
-    assert 3 <= done < 60 and not (out / "index.json").exists()
+    done = kill_build_after(cmd, out, 3, cwd=ROOT)  # its own group: the kill reaches the pool workers
+    assert 3 <= done < 60
     resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming: {done} of 60 shards already done" in resumed.stderr

@@ -3,17 +3,14 @@ crash safety (SIGKILL, resume); and the Ray executor writing the same bytes as t
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from _shard_helpers import dir_bytes
+from _shard_helpers import dir_bytes, kill_build_after
 from conftest import label_from_pixels, make_label_folder
 from pipeline.cli import main
 from pipeline.shard.manifest import read_manifest
@@ -78,19 +75,8 @@ def test_dali_reads_shards_with_indexes_on_cpu(folder_shards):
 def test_sigkill_mid_build_then_resume_is_byte_identical(fmnist_dir, fm_reference, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pipeline", "shard", str(fmnist_dir), str(out), *FM_ARGS, "--workers", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(out.glob(".*.done.json"))) < 3:  # some shards finished, most not yet
-            assert proc.poll() is None, "the build finished before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    done = len(list(out.glob(".*.done.json")))
-    assert 3 <= done < 60 and not (out / "index.json").exists()
+    done = kill_build_after(cmd, out, 3, cwd=ROOT, timeout=60)
+    assert 3 <= done < 60
     resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming: {done} of 60 shards already done" in resumed.stderr

@@ -5,18 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from _shard_helpers import dir_bytes, read_samples
+from _shard_helpers import dir_bytes, kill_build_after, read_samples
 from benchmarks.imagenet_gen import generate
 from pipeline.cli import main
 from pipeline.shard.manifest import read_manifest
@@ -103,16 +100,7 @@ def test_kill_9_mid_build_then_resume_gives_identical_bytes(built, tmp_path):
     # Resizing makes each one-sample shard cost ~10 ms: time enough to kill the build mid-way.
     args = ["--samples-per-shard", "1", "--resize-short", "64"]
     cmd = [sys.executable, "-m", "pipeline", "shard", str(src), str(out), "--no-progress", "--workers", "1", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(list(out.glob(".*.done.json"))) < 2 and proc.poll() is None:
-            time.sleep(0.005)
-        assert proc.poll() is None, "the build ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert not (out / "index.json").exists()
+    kill_build_after(cmd, out, 2)
     assert shard(src, out, *args) == 0
     clean = tmp_path / "clean"
     assert shard(src, clean, *args) == 0

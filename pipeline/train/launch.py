@@ -132,6 +132,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     if tracking_uri and tracking_uri.startswith("sqlite:///"):
         _create_sqlite_store(tracking_uri)
     storage_dir = f"{str(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
+    local_storage = "://" not in storage_dir  # stop requests and the tracking spool are files there
     loop_config = {
         "cfg": cfg.to_dict(),
         "tracking_uri": tracking_uri,
@@ -141,7 +142,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
         "index_sha256": index_digest(cfg.data.shards),  # every worker's node must see this very index.json
         "run_tags": dict(run_tags or {}),
     }
-    if "://" not in storage_dir:
+    if local_storage:
         clear_stop(storage_dir)  # a request left by the previous submission is not for this one
     _ensure_ray(cfg, verbose)
     check_nodes(cfg.data.shards, loop_config["index_sha256"], str(cfg.run.storage_path))
@@ -161,7 +162,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
                 callbacks=list(callbacks),
             ),
         )
-        with stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled="://" not in storage_dir):
+        with stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled=local_storage):
             try:
                 result = trainer.fit()
             except Exception as exc:
@@ -169,10 +170,10 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
                     _record_failure(storage_dir, exc)
                 raise
     # A stop asked for as the job was ending anyway is no stop: the last report says which it was.
-    stopped = read_stop(storage_dir) if "://" not in storage_dir and result.metrics.get("stopped") else None
+    stopped = read_stop(storage_dir) if local_storage and result.metrics.get("stopped") else None
     # The run id from the job's tracking spool: no call to a tracking server that may be down.
     run_id = job_run_id(storage_dir) if tracking_uri else None
-    if tracking_uri and run_id is None and "://" in storage_dir:  # the spool is on rank 0's node
+    if tracking_uri and run_id is None and not local_storage:  # the spool is on rank 0's node
         run = find_job_run(tracking_uri, cfg.tracking.experiment, storage_dir)
         run_id = run.info.run_id if run else None
     return TrainResult(
@@ -183,7 +184,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
         mlflow_run_id=run_id,
         tracking_uri=tracking_uri,
         stopped=stopped,
-        tracking_behind=tracking_behind(storage_dir) if tracking_uri and "://" not in storage_dir else None,
+        tracking_behind=tracking_behind(storage_dir) if tracking_uri and local_storage else None,
     )
 
 

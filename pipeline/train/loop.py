@@ -290,8 +290,7 @@ def _end_epoch(w: _Worker, epoch: int, meter: ThroughputMeter) -> dict[str, Any]
                                     torch.tensor(thr.data_wait_frac, dtype=torch.float64, device=device)]))
     train_loss, samples, images_per_s, wait = agg.tolist()
     t_eval = time.perf_counter()
-    val = evaluate(unwrap(w.model), w.val_loader, device, w.step.autocast, w.train_loader.num_classes,
-                   w.step.in_dtype, w.step.memory_format)
+    val = _validate(w)
     metrics = {
         "epoch": epoch + 1, "train_loss": train_loss / max(samples, 1), "train_images_per_s": images_per_s,
         "world_size": w.world, "data_wait_frac": wait / w.world, "step_time_s": thr.step_time_s, "lr": w.step.lr,
@@ -309,6 +308,12 @@ def _end_epoch(w: _Worker, epoch: int, meter: ThroughputMeter) -> dict[str, Any]
         keep_best(tmp, w.storage_dir)  # uploaded to MLflow once, at the end of the job
     shutil.rmtree(tmp, ignore_errors=True)
     return val
+
+
+def _validate(w: _Worker) -> dict[str, Any]:
+    """The val split through the model with the training step's precision and memory format."""
+    return evaluate(unwrap(w.model), w.val_loader, w.device, w.step.autocast, w.train_loader.num_classes,
+                    w.step.in_dtype, w.step.memory_format)
 
 
 def _checkpoint(w: _Worker, metrics: dict[str, Any], keep: bool = False) -> str:
@@ -335,8 +340,7 @@ def _finish(w: _Worker, val: dict[str, Any]) -> None:
 
     if not val:
         # Started again with no epochs left: report the current model's figures once, no checkpoint.
-        val = evaluate(unwrap(w.model), w.val_loader, w.device, w.step.autocast, w.train_loader.num_classes,
-                       w.step.in_dtype, w.step.memory_format)
+        val = _validate(w)
         ray.train.report({"epoch": w.state.epoch, **{k: val[k] for k in ("val_loss", "val_top1", "val_top5")}})
     if w.is_main and w.cfg.tracking.enabled:
         best = best_dir(w.storage_dir)

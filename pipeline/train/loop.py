@@ -189,8 +189,7 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
     model = ray.train.torch.prepare_model(model, move_to_device=False)
     step = TrainStep.from_config(model, optimizer, cfg, device, schedule, frozen_params=backbone_params)
     state = RunState(model, step, train_loader, rank=rank, world_size=world, keep_best_by=cfg.run.keep_best_by)
-    control = Control(storage_dir=loop_config["run_key"], rank=rank, world_size=world,
-                      every_steps=cfg.run.checkpoint_every_steps, every_minutes=cfg.run.checkpoint_every_minutes)
+    control = Control.for_worker(loop_config["run_key"], rank, world, cfg.run)  # and SIGTERM to this worker
     restart_note = None
     if saved is not None:
         state.load_state_dict(saved)

@@ -2,7 +2,9 @@
 
 A stop is asked for with a small file, ``<storage_dir>/STOP``, holding the reason:
 the driver writes it when it gets SIGTERM or SIGINT (``ray job stop`` sends
-SIGTERM to the driver); shared storage is already what every rank checkpoints
+SIGTERM to the driver), and so does a worker that gets SIGTERM (a spot or
+preemptible node SIGTERMs its processes before it goes; see
+``Control.for_worker``); shared storage is already what every rank checkpoints
 to, so every node can see it. Rank 0 reads it, the ranks agree on it in one
 collective, write a checkpoint at the next step boundary and return; the driver
 then exits non-zero with one line. A resubmitted job removes a leftover file
@@ -27,16 +29,20 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from pipeline.fileio import write_atomic
 
+if TYPE_CHECKING:
+    from pipeline.train.config import RunSection
+
 STOP_FILE = "STOP"
 # Target time between the ranks' agreed checks; PIPELINE_STOP_CHECK_S overrides it (0: every step).
 CHECK_PERIOD_S = float(os.environ.get("PIPELINE_STOP_CHECK_S", "1.0"))
 MAX_CHECK_INTERVAL = 100  # steps: bounds the wait when steps that were fast turn slow
+DEADLINE_SLACK_S = 15.0  # after a signal's stop budget: Ray's time to return the workers' result
 
 
 def stop_path(storage_dir: str | Path) -> Path:
@@ -79,6 +85,15 @@ class Control:
         self._next_check = 0
         self._last_check: tuple[float, int] | None = None  # (time, step) of the last agreed check
         self._last_checkpoint = time.monotonic()
+
+    @classmethod
+    def for_worker(cls, storage_dir: str, rank: int, world_size: int, run: "RunSection") -> "Control":
+        """A Ray Train worker's ``Control`` for ``run``'s checkpoint triggers; SIGTERM to the worker asks for a stop."""
+        control = cls(storage_dir=storage_dir, rank=rank, world_size=world_size,
+                      every_steps=run.checkpoint_every_steps, every_minutes=run.checkpoint_every_minutes)
+        if "://" not in storage_dir:  # the stop file needs storage the ranks share as a file system
+            stop_on_worker_sigterm(storage_dir, rank)
+        return control
 
     def poll(self, global_step: int) -> tuple[bool, bool]:
         """(checkpoint due, stop) after ``global_step`` steps; called by every rank at every step."""
@@ -138,6 +153,9 @@ def stop_on_signals(storage_dir: str | Path, timeout_s: float, enabled: bool = T
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield got  # signals reach only the main thread; an embedding caller keeps its own handlers
         return
+    note = job_stop_wait_note(timeout_s)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     # Replaces the handlers Ray's core installs on the driver, which dump a native stack and abort (exit 134).
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -147,6 +165,72 @@ def stop_on_signals(storage_dir: str | Path, timeout_s: float, enabled: bool = T
             signal.signal(s, h)
 
 
+# The loop this worker process runs: (storage dir, stop reason, the loop's thread); set on each rank.
+_worker_loop: tuple[str, str, threading.Thread] | None = None
+
+
+def stop_on_worker_sigterm(storage_dir: str, rank: int) -> None:
+    """While this rank's loop runs, SIGTERM to its worker process asks the job to checkpoint and stop.
+
+    Ray Train V2 runs the loop in a thread of the worker actor; the actor's main thread
+    runs its tasks (Ray's task loop), and only a process's main thread may set a signal
+    handler. Ray's own handler there exits the worker (SystemExit): the group fails and
+    restarts from the last checkpoint, and the steps since then are lost. So the handler
+    is set by a task on this worker's own actor, which runs on that thread. It writes the
+    stop file, as SIGTERM to the driver does (rank 0 reads it at the next agreed check);
+    once the loop has ended, and for a second SIGTERM, Ray's handler applies.
+    """
+    import ray
+
+    global _worker_loop
+    node = ray.util.get_node_ip_address()
+    _worker_loop = (storage_dir, f"SIGTERM to worker rank {rank} on {node}", threading.current_thread())
+    actor = ray.get_runtime_context().current_actor
+    ray.get(actor.execute.remote(_set_worker_handler))  # RayTrainWorker.execute: a task on the main thread
+
+
+def _set_worker_handler() -> None:
+    global _ray_sigterm
+    if signal.getsignal(signal.SIGTERM) is not _on_worker_sigterm:  # once per process
+        _ray_sigterm = signal.signal(signal.SIGTERM, _on_worker_sigterm)
+
+
+_ray_sigterm = signal.SIG_DFL  # the handler ours replaced on the worker's main thread
+
+
+def _on_worker_sigterm(signum: int, frame) -> None:
+    global _worker_loop
+    loop, _worker_loop = _worker_loop, None  # a second SIGTERM goes to Ray's handler
+    if loop is not None and loop[2].is_alive():
+        request_stop(loop[0], loop[1])
+        print(f"[pipeline] {loop[1]}: checkpointing at the next step, then stopping", file=sys.stderr, flush=True)
+        return
+    if callable(_ray_sigterm):
+        _ray_sigterm(signum, frame)  # Ray's: SystemExit, the worker exits
+    else:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def job_stop_wait_note(timeout_s: float) -> str | None:
+    """For a driver run by ``ray job submit``: a line if ``ray job stop`` would SIGKILL it before the stop checkpoint.
+
+    Ray's job supervisor sends SIGTERM to the entrypoint, waits ``RAY_JOB_STOP_WAIT_TIME_S``
+    (3 s unless the job's runtime env or the head sets it), then SIGKILLs it.
+    """
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        return None  # not a submitted job
+    need = int(timeout_s + DEADLINE_SLACK_S + 0.999)
+    try:
+        wait = float(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "3"))
+    except ValueError:
+        wait = 3.0
+    if wait >= need:
+        return None
+    return (f"[pipeline] `ray job stop` SIGKILLs this job {wait:g} s after SIGTERM, before its stop checkpoint "
+            f"(up to {need} s): set RAY_JOB_STOP_WAIT_TIME_S={max(need, 60)} in the job's runtime_env env_vars")
+
+
 def exit_code(reason: str) -> int:
     """The shell's code for a job stopped by ``reason`` ("SIGTERM to the driver": 143; SIGINT: 130; else 1)."""
     name = reason.split()[0] if reason else ""
@@ -154,10 +238,11 @@ def exit_code(reason: str) -> int:
 
 
 def _deadline(timeout_s: float, signum: int) -> None:
-    time.sleep(timeout_s + 15.0)  # the workers' budget, plus Ray's time to return their result
+    time.sleep(timeout_s + DEADLINE_SLACK_S)  # the workers' budget, plus Ray's time to return their result
     print(f"[pipeline] stopped without a checkpoint: the job did not stop within {timeout_s:.0f} s of "
           f"{signal.Signals(signum).name}", file=sys.stderr, flush=True)
     os._exit(128 + signum)
 
 
-__all__ = ["Control", "STOP_FILE", "clear_stop", "exit_code", "read_stop", "request_stop", "stop_on_signals", "stop_path"]
+__all__ = ["Control", "STOP_FILE", "clear_stop", "exit_code", "job_stop_wait_note", "read_stop", "request_stop",
+           "stop_on_signals", "stop_on_worker_sigterm", "stop_path"]

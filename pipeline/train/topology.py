@@ -133,7 +133,7 @@ def setup_worker(cfg, loop_config: dict[str, Any]):
     mine = {"world_rank": ctx.get_world_rank(), "node_ip": node_ip, "node_rank": ctx.get_node_rank(),
             "local_rank": ctx.get_local_rank(), "local_world_size": ctx.get_local_world_size(),
             "device": str(ray.train.torch.get_device()), "loader_threads": threads, "node_id": node_id,
-            "hostname": os.uname().nodename, "train_samples": _train_range(cfg.data.shards, ctx)}
+            "hostname": os.uname().nodename, "pid": os.getpid(), "train_samples": _train_range(cfg.data.shards, ctx)}
     workers = [mine]
     if dist.is_available() and dist.is_initialized():
         workers = [None] * ctx.get_world_size()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -179,3 +180,18 @@ for backend in ("dali", "torch"):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dali 150" in proc.stdout and "torch 150" in proc.stdout
+
+
+def test_reports_name_classes_by_id_and_human_name(built):
+    """Per-class reports say ``n01440764 tench``, not the bare synset id, when the shards know the names."""
+    from pipeline.data import build_loader
+    from pipeline.train.tracking import per_class_table
+
+    _, out, stats = built["tar"]
+    loader = build_loader(out, "val", batch_size=4, backend="torch", device="cpu")
+    assert loader.classes == stats["classes"]
+    assert loader.class_labels == [f"{w} synthetic class {i}" for i, w in enumerate(stats["classes"])]
+    table = per_class_table(loader.class_labels, np.eye(CLASSES, dtype=np.int64))
+    assert f'0,"{stats["classes"][0]} synthetic class 0",1,1,1.0000' in table.splitlines()
+    _, folder_out, _ = built["folder"]  # no names recorded: the ids alone
+    assert build_loader(folder_out, "val", batch_size=4, backend="torch").class_labels == stats["classes"]

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 from pipeline.data.presets import PRESETS, get_preset
 from pipeline.data.split import PAD_LABEL, LoaderBase, plan_split
 from pipeline.errors import UserError
 
-__all__ = ["PAD_LABEL", "PRESETS", "LoaderOptions", "build_loader", "make_loader"]
+__all__ = ["PAD_LABEL", "PRESETS", "LoaderOptions", "build_loader", "class_labels", "make_loader"]
 
 BACKENDS = ("auto", "dali", "torch")
 DEVICES = ("auto", "gpu", "cpu")
@@ -51,7 +52,8 @@ def make_loader(shard_dir: str | Path, split: str, *, batch_size: int, rank: int
     torch), "dali" or "torch". ``device``: "auto" (GPU if CUDA is available), "gpu"
     (the current CUDA device) or "cpu". ``preset``: None for index.json's, or one of
     ``PRESETS``. Attributes: ``num_samples``, ``padding``, ``backend``, ``preset``,
-    ``num_classes``, ``classes``. ``threads``: DALI threads / torch DataLoader workers
+    ``num_classes``, ``classes``, ``coverage`` (what the rank read in its current or last pass over the
+    loader: ``pipeline.data.coverage``). ``threads``: DALI threads / torch DataLoader workers
     (None: this process's cores divided among the ranks on this node).
     """
     return build_loader(shard_dir, split, batch_size=batch_size, rank=rank, world_size=world_size,
@@ -81,11 +83,23 @@ def build_loader(shard_dir: str | Path, split: str, *, batch_size: int, rank: in
     if backend == "dali":
         from pipeline.data.dali import DaliLoader
 
-        return DaliLoader(plan, spec, num_threads=options.num_threads or cores, **common)
-    from pipeline.data.torch import TorchLoader
+        loader: LoaderBase = DaliLoader(plan, spec, num_threads=options.num_threads or cores, **common)
+    else:
+        from pipeline.data.torch import TorchLoader
 
-    workers = cores if options.num_workers is None else options.num_workers
-    return TorchLoader(plan, spec, num_workers=workers, **common)
+        workers = cores if options.num_workers is None else options.num_workers
+        loader = TorchLoader(plan, spec, num_workers=workers, **common)
+    loader.class_labels = class_labels(manifest)
+    return loader
+
+
+def class_labels(manifest: dict[str, Any]) -> list[str]:
+    """Per-class labels for reports: the class id, plus the first of its human names when the shards
+    record them (ImageNet: ``n01440764 tench``); the id alone otherwise."""
+    names = manifest.get("class_names") or []
+    if len(names) != len(manifest["classes"]):
+        return list(manifest["classes"])
+    return [f"{c} {n.split(',')[0].strip()}" if n and n != c else c for c, n in zip(manifest["classes"], names)]
 
 
 def _resolve_device(device: str) -> str:

@@ -197,6 +197,7 @@ class LoaderBase:
         self.train = train
         self.seed = seed
         self.classes = list(classes)
+        self.class_labels = list(self.classes)  # what reports show; build_loader adds human names it knows
         self.num_classes = len(self.classes)
         self.with_keys = with_keys
         self.epoch = 0

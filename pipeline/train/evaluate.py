@@ -27,7 +27,7 @@ class EvalResult:
     loss: float
     top1: float
     top5: float
-    classes: list[str]
+    classes: list[str]  # per-class labels: the class id, plus its human name when the shards record one
     confusion: Any  # numpy int64 [num_classes, num_classes], rows = true label
 
     def per_class(self) -> list[tuple[str, int, float]]:
@@ -107,7 +107,7 @@ def evaluate_model(model_ref: str, shards: str | Path, split: str = "val", *, ba
         in_dtype = None
     out = evaluate(model, loader, dev, autocast, loader.num_classes, in_dtype, torch.contiguous_format)
     return EvalResult(split=split, samples=out["val_samples"], loss=out["val_loss"], top1=out["val_top1"],
-                      top5=out["val_top5"], classes=list(loader.classes), confusion=out["confusion"].numpy())
+                      top5=out["val_top5"], classes=list(loader.class_labels), confusion=out["confusion"].numpy())
 
 
 __all__ = ["EvalResult", "evaluate_model", "load_for_eval"]

@@ -165,6 +165,7 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
     model = build_model(cfg.model.name, train_loader.num_classes, in_channels, image_size, cfg.model.dropout)
     meta = {"model": cfg.model.name, "num_classes": train_loader.num_classes, "in_channels": in_channels,
             "image_size": image_size, "dropout": cfg.model.dropout, "classes": list(train_loader.classes),
+            "class_labels": list(train_loader.class_labels),
             "preset": train_loader.preset, "shards": str(shards), "run_name": cfg.run.name}
 
     checkpoint = ray.train.get_checkpoint()
@@ -346,7 +347,7 @@ def _finish(w: _Worker, val: dict[str, Any]) -> None:
         if best.is_dir():
             w.tracker.log_artifacts(best, "best_checkpoint")
         in_channels, image_size = w.meta["in_channels"], w.meta["image_size"]
-        _log_final(w.tracker, unwrap(w.model), w.meta["classes"], val["confusion"], w.cfg, in_channels, image_size)
+        _log_final(w.tracker, unwrap(w.model), w.meta, val["confusion"], w.cfg, in_channels, image_size)
         w.tracker.end("FINISHED")
 
 
@@ -362,7 +363,7 @@ def _say(w: _Worker, line: str) -> None:
     w.console.line(line)  # rank 0's console; other ranks' consoles are silent
 
 
-def _log_final(tracker, model: nn.Module, classes: list[str], confusion: torch.Tensor, cfg: TrainConfig,
+def _log_final(tracker, model: nn.Module, meta: dict, confusion: torch.Tensor, cfg: TrainConfig,
                in_channels: int, image_size: int) -> None:
     """End-of-job artifacts: confusion matrix PNG, per-class accuracy table, the final model."""
     import matplotlib.pyplot as plt
@@ -370,8 +371,9 @@ def _log_final(tracker, model: nn.Module, classes: list[str], confusion: torch.T
     from pipeline.train.tracking import confusion_figure, per_class_table
 
     cm = confusion.numpy()
-    tracker.log_text(per_class_table(classes, cm), "eval/per_class_accuracy.csv")
-    fig = confusion_figure(classes, cm)
+    classes, labels = meta["classes"], meta["class_labels"]
+    tracker.log_text(per_class_table(labels, cm), "eval/per_class_accuracy.csv")
+    fig = confusion_figure(labels, cm)
     tracker.log_figure(fig, "eval/confusion_matrix.png")
     plt.close(fig)
     if cfg.tracking.log_model:

@@ -29,6 +29,7 @@ from pipeline.train.config import TrainConfig, config_from_dict
 from pipeline.train.console import WorkerConsole
 from pipeline.train.models import build_model, head_name, load_backbone
 from pipeline.train.preempt import Control
+from pipeline.train.resume import log_missed_epoch, resume_checkpoint
 from pipeline.train.state import RunState, best_dir, keep_best, load_rank_file
 from pipeline.train.step import (TrainStep, WarmupCosine, augment, build_optimizer, param_groups,
                                  precision_context, setup_torch)
@@ -168,7 +169,8 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
             "class_labels": list(train_loader.class_labels),
             "preset": train_loader.preset, "shards": str(shards), "run_name": cfg.run.name}
 
-    checkpoint = ray.train.get_checkpoint()
+    # Ray's registered checkpoint, or a newer complete one on storage it never heard of (a lost node).
+    checkpoint = resume_checkpoint(loop_config["run_key"], ray.train.get_checkpoint())
     saved = rank_saved = None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -207,6 +209,7 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
                       datasets=dataset_inputs(shards, manifest,
                                               {"train": "training", cfg.data.val_split: "validation"}))
         layout.log(tracker, state.epoch)
+        log_missed_epoch(tracker, checkpoint, state.epoch, state.step_in_epoch)
         if not tracker.resumed:
             import yaml
 
@@ -323,6 +326,7 @@ def _checkpoint(w: _Worker, metrics: dict[str, Any], keep: bool = False) -> str:
     tmp = tempfile.mkdtemp(prefix="pipeline-ckpt-")
     try:
         w.state.save(tmp, {**w.meta, "epoch": w.state.epoch, "step_in_epoch": w.state.step_in_epoch,
+                           "global_step": w.state.global_step, "world_size": w.world,  # pipeline.train.resume
                            "metrics": {k: v for k, v in metrics.items() if k != "epoch"}})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     except BaseException:

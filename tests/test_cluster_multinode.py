@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from pipeline.data.coverage import digest
 from _proc import descendants
 
 pytestmark = pytest.mark.slow
@@ -159,11 +161,30 @@ def test_job_spreads_two_workers_over_two_nodes(cluster, shards, tmp_path):
     assert sorted(w["node_rank"] for w in workers) == [0, 1]
     assert [w["local_rank"] for w in workers] == [0, 0]
     assert run.data.tags["pipeline.nodes"] == "2"
-    # The ranks' slices of an epoch tile the training split: every sample read once, by one rank.
-    total = json.loads((shards / "index.json").read_text())["splits"]["train"]["samples"]
+    # The ranks' planned slices of an epoch tile the training split ...
+    train = json.loads((shards / "index.json").read_text())["splits"]["train"]
     ranges = sorted(tuple(w["train_samples"]) for w in workers)
-    assert ranges[0][0] == 0 and ranges[0][1] == ranges[1][0] and ranges[1][1] == total
+    assert ranges[0][0] == 0 and ranges[0][1] == ranges[1][0] and ranges[1][1] == train["samples"]
     assert _epoch_history(client, run.info.run_id, "world_size") == [(1, 2.0)]
+    # ... and what they read tiles it too: each rank's keys of the epoch, as it recorded them.
+    cov = json.loads(Path(client.download_artifacts(run.info.run_id, "coverage/epoch-0001.json",
+                                                    str(tmp_path))).read_text())
+    ranks = sorted(cov["ranks"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1] and cov["epoch"] == 1
+    keys = [set(r["keys"]) for r in ranks]
+    assert not keys[0] & keys[1] and keys[0] | keys[1] == _tar_keys(shards, train)
+    for r, mine in zip(ranks, keys):
+        assert r["from_batch"] == 0 and r["samples"] == 256  # 8 batches of 32, padding included
+        assert {k: r[k] for k in ("distinct", "xor", "sum")} == digest(mine)
+
+
+def _tar_keys(shards: Path, split: dict) -> set[str]:
+    """The split's sample keys, read from its tar files' member names."""
+    keys = set()
+    for shard in split["shards"]:
+        with tarfile.open(shards / shard["tar"]) as tf:
+            keys.update(m.name.split(".", 1)[0] for m in tf.getmembers() if m.name.endswith(".cls"))
+    return keys
 
 
 def test_shard_build_runs_tasks_on_several_nodes(cluster, fmnist_dir, tmp_path):

@@ -76,14 +76,14 @@ class DaliLoader(LoaderBase):
             gpu=self.device == "gpu",
             shard_id=self.plan.rank,  # the global rank: a local rank would make every node read the same data
             num_shards=self.plan.world_size,
-            with_keys=self.with_keys,
+            with_keys=True,  # the keys feed the coverage record (pipeline.data.coverage)
             batch_size=self.plan.batch_size,
             num_threads=self.num_threads,
             device_id=device_id,
             seed=epoch_seed(self.seed, self.epoch),
             checkpoint=checkpoint,
         )
-        outputs = ["images", "labels"] + (["keys"] if self.with_keys else [])
+        outputs = ["images", "labels", "keys"]
         # FILL with pad_last_batch: full batches only, ceil(ceil(N/W)/B) of them on every rank.
         it = DALIGenericIterator([pipe], outputs, reader_name="Reader", last_batch_policy=LastBatchPolicy.FILL,
                                  auto_reset=False)
@@ -114,10 +114,9 @@ class DaliLoader(LoaderBase):
                     # pad_last_batch repeats: mark them so metrics count every sample once.
                     labels[max(real - j * batch, 0):] = PAD_LABEL
                 self.position = j + 1
-                if self.with_keys:
-                    yield images, labels, _keys(out["keys"])
-                else:
-                    yield images, labels
+                keys = _keys(out["keys"])
+                yield (images, labels, keys) if self.with_keys else (images, labels)
+                self.coverage.add(keys)  # the consumer came back: the batch was taken
         finally:
             self._it = None
             del it  # frees the pipeline's threads and buffers before the next epoch builds its own

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.coverage import Coverage
 from pipeline.data.presets import Preset
 from pipeline.errors import UserError
 
@@ -203,6 +204,7 @@ class LoaderBase:
         self.epoch = 0
         self.position = 0  # batches of the current epoch handed out so far
         self._resume: dict[str, Any] | None = None  # a saved position the next iteration starts from
+        self.coverage = Coverage()  # what this rank read in the current pass (pipeline.data.coverage)
 
     @property
     def num_samples(self) -> int:
@@ -260,6 +262,7 @@ class LoaderBase:
         """(first batch, saved state) for the iteration starting now; the saved position is used once."""
         resume, self._resume = self._resume or {}, None
         self.position = int(resume.get("batches", 0))
+        self.coverage.reset(self.epoch, self.position)
         return self.position, resume
 
     def __repr__(self) -> str:

@@ -220,6 +220,7 @@ class TorchLoader(LoaderBase):
             count += 1
             self.position = count
             yield (images, labels, batch["keys"]) if self.with_keys else (images, labels)
+            self.coverage.add(batch["keys"])  # the consumer came back: the batch was taken
         assert count == self.plan.batches, (count, self.plan.batches)
 
 

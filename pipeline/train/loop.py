@@ -27,6 +27,7 @@ from pipeline.metrics import ThroughputMeter
 from pipeline.train.checkpoint import load_state, unwrap
 from pipeline.train.config import TrainConfig, config_from_dict
 from pipeline.train.console import WorkerConsole
+from pipeline.train.coverage import log_coverage
 from pipeline.train.models import build_model, head_name, load_backbone
 from pipeline.train.preempt import Control
 from pipeline.train.resume import log_missed_epoch, resume_checkpoint
@@ -307,6 +308,7 @@ def _end_epoch(w: _Worker, epoch: int, meter: ThroughputMeter) -> dict[str, Any]
     # leaves the epoch unlogged rather than logged twice (the resumed run skips it).
     tmp = _checkpoint(w, metrics, keep=True)
     w.tracker.log_epoch(epoch + 1, {k: v for k, v in metrics.items() if k != "epoch"})
+    log_coverage(w.tracker, epoch + 1, w.train_loader)  # every rank: the samples it read, gathered on rank 0
     if w.is_main and improved:
         keep_best(tmp, w.storage_dir)  # uploaded to MLflow once, at the end of the job
     shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -47,15 +48,15 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the head and everything it started, then SIGKILL what is left."""
+    """SIGTERM the head and everything it started, then SIGKILL what is left after a few seconds."""
     pids = descendants(proc.pid) + [proc.pid]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + 10
+        deadline = time.time() + grace
         while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
             time.sleep(0.2)
             try:
@@ -63,6 +64,15 @@ def _stop(proc: subprocess.Popen) -> None:
             except subprocess.TimeoutExpired:
                 pass
     proc.wait(timeout=10)
+
+
+def _jobs_api_up(address: str, token: str) -> bool:
+    request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status == 200
+    except OSError:  # refused, reset, or an HTTP error while the dashboard starts
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +95,10 @@ def head():
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 180
-        while True:
-            probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address], env=env,
-                                   capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
+        while not _jobs_api_up(address, token):  # a plain request: a `ray` CLI process per probe costs seconds
             if proc.poll() is not None or time.time() > deadline:
                 pytest.fail(f"ray head did not come up: {(Path(temp_dir) / 'ray-start.log').read_text()[-2000:]}")
-            time.sleep(2)
+            time.sleep(0.5)
         yield {"address": address, "env": env, "token": token, "pid": proc.pid}
     finally:
         _stop(proc)
@@ -104,19 +110,21 @@ STEPS_PER_EPOCH = 256 // 2 // 32  # train samples (--limit 256) / workers / batc
 EPOCHS = 3
 
 
-def _job(ray: str, head: dict, job_id: str, entry: list[str], runtime_env: Path, *, wait: bool):
+def _submit(ray: str, head: dict, job_id: str, entry: list[str], runtime_env: Path) -> subprocess.Popen:
+    """``ray job submit`` in the foreground of its own process: it follows the job's log to its end."""
     cmd = [ray, "job", "submit", "--address", head["address"], "--submission-id", job_id, "--working-dir",
-           str(REPO), "--runtime-env", str(runtime_env)] + ([] if wait else ["--no-wait"]) + ["--", *entry]
-    return subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=900)
+           str(REPO), "--runtime-env", str(runtime_env), "--", *entry]
+    return subprocess.Popen(cmd, env=head["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _job_end(ray: str, head: dict, job_id: str) -> tuple[str, str]:
-    """Wait for the job to end: (its status line, its driver's log)."""
-    logs = subprocess.run([ray, "job", "logs", "--address", head["address"], "--follow", job_id], env=head["env"],
-                          capture_output=True, text=True, timeout=600)
-    status = subprocess.run([ray, "job", "status", "--address", head["address"], job_id], env=head["env"],
-                            capture_output=True, text=True, timeout=120)
-    return status.stdout + status.stderr, logs.stdout + logs.stderr
+def _ended(proc: subprocess.Popen) -> tuple[int, str]:
+    """The submitting CLI's exit code and output (the driver's log, then the job's status)."""
+    try:
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out
 
 
 def _checkpoints(storage: Path) -> list[tuple[int, bool, int, int]]:
@@ -192,15 +200,15 @@ def test_job_submit_trains_with_token_auth_and_stops_at_a_step(head, tmp_path, f
              "--set", f"tracking.artifact_location={tmp_path / 'mlartifacts'}"]
 
     # 1. SIGTERM to the worker process of rank 1 (a spot node's notice): rank 0 learns of it and checkpoints.
-    assert _job(ray, head, "h-sigterm-worker", entry, env_file, wait=False).returncode == 0
+    job = _submit(ray, head, "h-sigterm-worker", entry, env_file)
     _wait(lambda: _checkpoints(storage), "the first step checkpoint")
     rank1 = next(w for w in _wait(lambda: _workers(tmp_path), "workers.json") if w["world_rank"] == 1)
     assert rank1["pid"] in descendants(head["pid"])  # a worker of this test's own cluster
     os.kill(rank1["pid"], signal.SIGTERM)
-    status, log = _job_end(ray, head, "h-sigterm-worker")
+    code, out = _ended(job)
     reason = f"SIGTERM to worker rank 1 on {rank1['node_ip']}"
-    assert "failed with exit code 143" in status, status[-3000:]  # the driver's code after a stop by SIGTERM
-    assert f"stopped by {reason} after a checkpoint" in log, log[-3000:]
+    assert code != 0 and "failed with exit code 143" in out, out[-3000:]  # the driver's code after a SIGTERM stop
+    assert f"stopped by {reason} after a checkpoint" in out, out[-3000:]
     run = _run(uri)
     assert run.info.status == "KILLED" and run.data.tags["pipeline.end_reason"] == reason
     first_stop, stopped, epoch, step = _checkpoints(storage)[-1]
@@ -208,15 +216,15 @@ def test_job_submit_trains_with_token_auth_and_stops_at_a_step(head, tmp_path, f
     assert _steps(uri, run) == list(range(1, first_stop + 1))
 
     # 2. `ray job stop`: SIGTERM to the driver, which asks the workers to checkpoint at the next step.
-    assert _job(ray, head, "h-job-stop", entry, env_file, wait=False).returncode == 0
+    job = _submit(ray, head, "h-job-stop", entry, env_file)
     _wait(lambda: _checkpoints(storage)[-1][0] > first_stop, "a step checkpoint of the resubmitted job")
     stop = subprocess.run([ray, "job", "stop", "--address", head["address"], "h-job-stop"], env=head["env"],
                           capture_output=True, text=True, timeout=300)
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    status, log = _job_end(ray, head, "h-job-stop")
-    assert "was stopped" in status, status
-    assert f"resuming at epoch {epoch + 1} step {step}" in log, log[-3000:]  # a stop is never at step 0
-    assert "RAY_JOB_STOP_WAIT_TIME_S" not in log  # the driver's warning when the wait is too short
+    code, out = _ended(job)
+    assert "was stopped" in out, out[-3000:]
+    assert f"resuming at epoch {epoch + 1} step {step}" in out, out[-3000:]  # a stop is never at step 0
+    assert "RAY_JOB_STOP_WAIT_TIME_S" not in out  # the driver's line when the wait is too short
     run = _run(uri)
     assert run.info.status == "KILLED" and run.data.tags["pipeline.end_reason"] == "SIGTERM to the driver"
     second_stop, stopped, epoch, step = _checkpoints(storage)[-1]
@@ -224,9 +232,8 @@ def test_job_submit_trains_with_token_auth_and_stops_at_a_step(head, tmp_path, f
     assert _steps(uri, run) == list(range(1, second_stop + 1))
 
     # 3. The same command again continues from the second stop's step and finishes.
-    done = _job(ray, head, "h-finish", entry, env_file, wait=True)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-4000:]
+    code, out = _ended(_submit(ray, head, "h-finish", entry, env_file))
+    assert code == 0, out[-4000:]
     assert "succeeded" in out.lower()
     assert f"resuming at epoch {epoch + 1} step {step}" in out, out[-3000:]
     assert "test accuracy (val split): top-1" in out

@@ -174,11 +174,12 @@ def stop_on_worker_sigterm(storage_dir: str, rank: int) -> None:
 
     Ray Train V2 runs the loop in a thread of the worker actor; the actor's main thread
     runs its tasks (Ray's task loop), and only a process's main thread may set a signal
-    handler. Ray's own handler there exits the worker (SystemExit): the group fails and
-    restarts from the last checkpoint, and the steps since then are lost. So the handler
-    is set by a task on this worker's own actor, which runs on that thread. It writes the
-    stop file, as SIGTERM to the driver does (rank 0 reads it at the next agreed check);
-    once the loop has ended, and for a second SIGTERM, Ray's handler applies.
+    handler. Ray's own handler there exits the worker (SystemExit): the group fails, and
+    restarts from the last checkpoint if ``run.max_failures`` allows, losing the steps
+    since. So the handler is set by a task on this worker's own actor, which runs on that
+    thread. It writes the stop file, as SIGTERM to the driver does (rank 0 reads it at the
+    next agreed check); once the loop has ended, and for a second SIGTERM, Ray's handler
+    applies.
     """
     import ray
 

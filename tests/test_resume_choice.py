@@ -58,3 +58,19 @@ def test_no_job_directory_or_no_complete_checkpoint_is_none(tmp_path):
     assert newest_complete(str(tmp_path / "never-ran")) is None
     _checkpoint(tmp_path / "job", "checkpoint_x", 5, missing="state.pt")
     assert newest_complete(str(tmp_path / "job")) is None
+
+
+def test_resume_checkpoint_takes_the_newer_one_on_storage_over_the_registered_one(tmp_path):
+    from ray.train import Checkpoint
+
+    from pipeline.train.resume import resume_checkpoint
+
+    job = tmp_path / "job"
+    registered = Checkpoint(str(_checkpoint(job, "checkpoint_2026-01-01_00-00-01.000", 8)))
+    assert resume_checkpoint(str(job), registered) is registered
+    newer = _checkpoint(job, "checkpoint_2026-01-01_00-00-02.000", 16)
+    chosen = resume_checkpoint(str(job), registered)
+    assert chosen.path == str(newer)
+    with chosen.as_directory() as d:
+        assert Path(d) == newer  # local storage: read in place
+    assert resume_checkpoint(str(tmp_path / "none"), None) is None

@@ -40,8 +40,11 @@ def resume_checkpoint(storage_dir: str, registered=None):
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    chosen = [newest_complete(storage_dir, registered.path if registered is not None else None)]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    chosen = [None]
+    if not group or dist.get_rank() == 0:  # one listing of the storage, not one per rank
+        chosen[0] = newest_complete(storage_dir, registered.path if registered is not None else None)
+    if group:
         dist.broadcast_object_list(chosen, src=0)
     if chosen[0] is None:
         return None

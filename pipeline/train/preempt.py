@@ -186,8 +186,13 @@ def stop_on_worker_sigterm(storage_dir: str, rank: int) -> None:
     global _worker_loop
     node = ray.util.get_node_ip_address()
     _worker_loop = (storage_dir, f"SIGTERM to worker rank {rank} on {node}", threading.current_thread())
-    actor = ray.get_runtime_context().current_actor
-    ray.get(actor.execute.remote(_set_worker_handler))  # RayTrainWorker.execute: a task on the main thread
+    try:
+        actor = ray.get_runtime_context().current_actor
+        ray.get(actor.execute.remote(_set_worker_handler))  # RayTrainWorker.execute: a task on the main thread
+    except (AttributeError, RuntimeError, ValueError) as exc:  # another Ray: train on, with Ray's handling
+        if rank == 0:
+            print(f"[pipeline] SIGTERM to a worker will not checkpoint ({type(exc).__name__}: {exc})",
+                  file=sys.stderr, flush=True)
 
 
 def _set_worker_handler() -> None:

@@ -33,7 +33,7 @@ import torch
 
 from pipeline.cli import main
 from pipeline.data import LoaderOptions, build_loader
-from pipeline.train.preempt import Control, clear_stop, exit_code, read_stop, request_stop
+from pipeline.train.preempt import Control, clear_stop, drop_worker_stop, exit_code, read_stop, request_stop
 from pipeline.train.state import rng_state, set_rng_state
 from _proc import descendants
 
@@ -164,6 +164,12 @@ def test_control_steps_and_stop_file(tmp_path):
     clear_stop(tmp_path)
     assert read_stop(tmp_path) is None
     assert exit_code("SIGTERM to the driver") == 143 and exit_code("SIGINT to the driver") == 130
+    # A new worker group drops what a worker of the group before it asked (Ray's teardown SIGTERMs it),
+    # never what the driver asked.
+    request_stop(tmp_path, "SIGTERM to the driver")
+    assert drop_worker_stop(tmp_path) is None and read_stop(tmp_path) == "SIGTERM to the driver"
+    request_stop(tmp_path, "SIGTERM to worker rank 0 on 127.0.0.3", origin="worker")
+    assert drop_worker_stop(tmp_path) == "SIGTERM to worker rank 0 on 127.0.0.3" and read_stop(tmp_path) is None
 
 
 # --- slow: real jobs ---------------------------------------------------------------------------

@@ -49,11 +49,12 @@ def stop_path(storage_dir: str | Path) -> Path:
     return Path(storage_dir) / STOP_FILE
 
 
-def request_stop(storage_dir: str | Path, reason: str) -> None:
-    """Ask the job's workers to checkpoint at the next step boundary and stop."""
+def request_stop(storage_dir: str | Path, reason: str, origin: str = "driver") -> None:
+    """Ask the job's workers to checkpoint at the next step boundary and stop (``origin``: driver or worker)."""
     path = stop_path(storage_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: f.write(json.dumps({"reason": reason, "time": time.time()}).encode()))
+    record = {"reason": reason, "time": time.time(), "origin": origin}
+    write_atomic(path, lambda f: f.write(json.dumps(record).encode()))
 
 
 def read_stop(storage_dir: str | Path) -> str | None:
@@ -66,6 +67,25 @@ def read_stop(storage_dir: str | Path) -> str | None:
 
 def clear_stop(storage_dir: str | Path) -> None:
     stop_path(storage_dir).unlink(missing_ok=True)
+
+
+def drop_worker_stop(storage_dir: str | Path) -> str | None:
+    """Remove a stop request a worker of an earlier worker group wrote; its reason, or None.
+
+    A worker group that starts inside a running job replaces one that failed: Ray tears
+    the old group down, and its surviving workers get SIGTERM on the way, which their
+    handler takes for a preemption. Such a request is not for the new group. (A worker
+    SIGTERM that ends the job stops it before any new group starts; the driver's own
+    requests stay.)
+    """
+    try:
+        record = json.loads(stop_path(storage_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if record.get("origin") != "worker":
+        return None
+    clear_stop(storage_dir)
+    return str(record.get("reason"))
 
 
 class Control:
@@ -92,6 +112,10 @@ class Control:
         control = cls(storage_dir=storage_dir, rank=rank, world_size=world_size,
                       every_steps=run.checkpoint_every_steps, every_minutes=run.checkpoint_every_minutes)
         if "://" not in storage_dir:  # the stop file needs storage the ranks share as a file system
+            stale = drop_worker_stop(storage_dir) if rank == 0 else None
+            if stale:
+                print(f"[pipeline] ignored a stop request from the previous worker group ({stale}: "
+                      "Ray's restart of a failed group, not a preemption)", file=sys.stderr, flush=True)
             stop_on_worker_sigterm(storage_dir, rank)
         return control
 
@@ -208,7 +232,7 @@ def _on_worker_sigterm(signum: int, frame) -> None:
     global _worker_loop
     loop, _worker_loop = _worker_loop, None  # a second SIGTERM goes to Ray's handler
     if loop is not None and loop[2].is_alive():
-        request_stop(loop[0], loop[1])
+        request_stop(loop[0], loop[1], origin="worker")
         print(f"[pipeline] {loop[1]}: checkpointing at the next step, then stopping", file=sys.stderr, flush=True)
         return
     if callable(_ray_sigterm):
@@ -250,5 +274,5 @@ def _deadline(timeout_s: float, signum: int) -> None:
     os._exit(128 + signum)
 
 
-__all__ = ["Control", "STOP_FILE", "clear_stop", "exit_code", "job_stop_wait_note", "read_stop", "request_stop",
-           "stop_on_signals", "stop_on_worker_sigterm", "stop_path"]
+__all__ = ["Control", "STOP_FILE", "clear_stop", "drop_worker_stop", "exit_code", "job_stop_wait_note", "read_stop",
+           "request_stop", "stop_on_signals", "stop_on_worker_sigterm", "stop_path"]

@@ -5,8 +5,10 @@
 #   RAY_BIND=10.0.0.5 cluster/start_head.sh     # head on a private network, for workers on other machines
 #
 # On a host without a token (no RAY_AUTH_TOKEN, no ~/.ray/auth_token) it creates one with
-# `ray get-auth-token --generate` and prints how to hand it to workers and clients. Every port binds to
-# RAY_BIND (default 127.0.0.1); never expose the dashboard on a public address.
+# `ray get-auth-token --generate` and prints how to hand it to workers and clients. The dashboard (jobs API)
+# binds to RAY_BIND (default 127.0.0.1); never expose it on a public address. Ray's own servers (GCS, raylet,
+# object manager) listen on all interfaces whatever RAY_BIND says, and Ray registers a head started on
+# 127.0.0.1 under the machine's network address: the token guards them; firewall their ports on shared networks.
 # Optional: RAY_GCS_PORT (6379), RAY_DASHBOARD_PORT (8265), RAY_NUM_CPUS, RAY_NUM_GPUS, RAY_TEMP_DIR;
 # extra arguments go to `ray start` (e.g. --block, explicit ports).
 set -euo pipefail

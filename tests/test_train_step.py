@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -144,3 +147,28 @@ def test_setup_torch_threads_and_seeds():
         assert (torch.rand(1).item(), np.random.rand(), random.random()) == drawn
     finally:
         torch.set_num_threads(threads)
+
+
+_MMAPPED_PROBE = """
+import ctypes, torch
+from pipeline.train.hostmem import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+kept = keep_freed_memory()
+before = libc.mallinfo2().hblkhd
+x = torch.empty(64 << 20, dtype=torch.uint8)  # a 64 MB activation-sized block
+print(kept, libc.mallinfo2().hblkhd - before >= 64 << 20)
+"""
+
+
+@pytest.mark.parametrize(("env", "expected"), [("1", "True False"), ("0", "False True")])
+def test_cpu_training_processes_keep_large_blocks_off_mmap(env, expected):
+    """With the setting, a 64 MB tensor comes from the heap (reused after free), not a fresh mmap per step."""
+    out = subprocess.run([sys.executable, "-c", _MMAPPED_PROBE], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PIPELINE_KEEP_FREED_MEMORY": env})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == expected.split()

@@ -23,10 +23,14 @@ from torch import nn
 
 from pipeline.train.checkpoint import unwrap
 from pipeline.train.config import TrainConfig
+from pipeline.train.hostmem import keep_freed_memory
 
 
 def setup_torch(cfg: TrainConfig, device: torch.device) -> None:
-    """Per-process torch settings: intra-op threads, seeds (torch, NumPy, Python), cuDNN autotune and TF32 on CUDA."""
+    """Per-process settings: intra-op threads, seeds (torch, NumPy, Python), cuDNN autotune and TF32 on CUDA;
+    on the CPU, a malloc that keeps freed memory (``pipeline.train.hostmem``)."""
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)

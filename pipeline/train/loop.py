@@ -352,8 +352,7 @@ def _finish(w: _Worker, val: dict[str, Any]) -> None:
         best = best_dir(w.storage_dir)
         if best.is_dir():
             w.tracker.log_artifacts(best, "best_checkpoint")
-        in_channels, image_size = w.meta["in_channels"], w.meta["image_size"]
-        _log_final(w.tracker, unwrap(w.model), w.meta, val["confusion"], w.cfg, in_channels, image_size)
+        _log_final(w.tracker, unwrap(w.model), w.meta, val["confusion"], w.cfg)
         w.tracker.end("FINISHED")
 
 
@@ -369,8 +368,7 @@ def _say(w: _Worker, line: str) -> None:
     w.console.line(line)  # rank 0's console; other ranks' consoles are silent
 
 
-def _log_final(tracker, model: nn.Module, meta: dict, confusion: torch.Tensor, cfg: TrainConfig,
-               in_channels: int, image_size: int) -> None:
+def _log_final(tracker, model: nn.Module, meta: dict, confusion: torch.Tensor, cfg: TrainConfig) -> None:
     """End-of-job artifacts: confusion matrix PNG, per-class accuracy table, the final model."""
     import matplotlib.pyplot as plt
 
@@ -378,6 +376,7 @@ def _log_final(tracker, model: nn.Module, meta: dict, confusion: torch.Tensor, c
 
     cm = confusion.numpy()
     classes, labels = meta["classes"], meta["class_labels"]
+    in_channels, image_size = meta["in_channels"], meta["image_size"]
     tracker.log_text(per_class_table(labels, cm), "eval/per_class_accuracy.csv")
     fig = confusion_figure(labels, cm)
     tracker.log_figure(fig, "eval/confusion_matrix.png")

@@ -57,12 +57,19 @@ def request_stop(storage_dir: str | Path, reason: str, origin: str = "driver") -
     write_atomic(path, lambda f: f.write(json.dumps(record).encode()))
 
 
+def _read_request(storage_dir: str | Path) -> dict | None:
+    """The pending stop request (``reason``, ``time``, ``origin``), or None when there is none or it is unreadable."""
+    try:
+        record = json.loads(stop_path(storage_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "reason" in record else None
+
+
 def read_stop(storage_dir: str | Path) -> str | None:
     """The reason of a pending stop request, or None."""
-    try:
-        return str(json.loads(stop_path(storage_dir).read_text(encoding="utf-8"))["reason"])
-    except (OSError, ValueError, KeyError):
-        return None
+    record = _read_request(storage_dir)
+    return str(record["reason"]) if record else None
 
 
 def clear_stop(storage_dir: str | Path) -> None:
@@ -78,14 +85,11 @@ def drop_worker_stop(storage_dir: str | Path) -> str | None:
     SIGTERM that ends the job stops it before any new group starts; the driver's own
     requests stay.)
     """
-    try:
-        record = json.loads(stop_path(storage_dir).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if record.get("origin") != "worker":
+    record = _read_request(storage_dir)
+    if not record or record.get("origin") != "worker":
         return None
     clear_stop(storage_dir)
-    return str(record.get("reason"))
+    return str(record["reason"])
 
 
 class Control:

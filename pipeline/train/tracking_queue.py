@@ -371,12 +371,12 @@ class TrackingQueue:
     def _send_loop(self) -> None:
         delay = self.backoff_s[0]
         while True:
+            if self._stop.is_set() and not self._spooler.is_alive():
+                return  # closed: close() flushed what its time allowed; the rest stays in the spool
             records, offset = self.spool.pending()
             if not records:
                 with self._idle:
                     self._idle.notify_all()
-                if self._stop.is_set() and not self._spooler.is_alive():
-                    return
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue

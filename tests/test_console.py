@@ -75,12 +75,17 @@ def test_train_console_has_each_line_once_and_no_ray_noise(tmp_path, fmnist_dir)
     shards = tmp_path / "fm"
     assert main(["shard", str(fmnist_dir), str(shards), "--limit", "512", "--samples-per-shard", "256",
                  "--no-progress"]) == 0
-    env = {**os.environ, "TMPDIR": tempfile.mkdtemp(prefix="pl-", dir="/tmp"), "PYTHONUNBUFFERED": "1"}  # short: Ray's socket paths
+    # A newcomer's machine: an empty HOME (no Ray token, no matplotlib font cache) and a new SQLite store.
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "TMPDIR": tempfile.mkdtemp(prefix="pl-", dir="/tmp"), "PYTHONUNBUFFERED": "1",  # short: Ray's socket paths
+           "HOME": str(home)}
     env.pop("RAY_ADDRESS", None)
+    env.pop("MPLCONFIGDIR", None)
     cmd = [str(Path(sys.executable).with_name("pipeline")), "train", "--config", "fashion_mnist",
            "--set", f"data.shards={shards}", "--set", "train.epochs=2", "--set", "train.log_every_steps=2",
            "--set", "run.name=console", "--set", f"run.storage_path={tmp_path / 'ray_results'}",
-           "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}", "--set", "tracking.log_model=false"]
+           "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, console
@@ -89,6 +94,11 @@ def test_train_console_has_each_line_once_and_no_ray_noise(tmp_path, fmnist_dir)
     ours = [line for line in lines if "[pipeline]" in line or line.startswith(("test accuracy", "checkpoint:"))]
     repeated = {line: n for line, n in Counter(ours).items() if n > 1}
     assert not repeated, console
+    # Nothing but ours: no Ray or MLflow log records (PlacementGroupCleaner, core_worker.cc's PreemptionWatcher
+    # line, "Creating initial MLflow database tables"), no Python warnings, no matplotlib font-cache notice.
+    summary = ("test accuracy", "checkpoint:", "MLflow run ", "resume or extend this job:")
+    foreign = [line for line in lines if not line.startswith(("[pipeline] ", *summary))]
+    assert not foreign, console
     assert "PlacementGroupCleaner" not in console, console
     assert "TrainingReport(" not in console, console
     epoch_lines = [line for line in lines if line.startswith("[pipeline] epoch") and ": train_loss" in line]

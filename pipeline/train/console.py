@@ -29,7 +29,16 @@ Ray's own output, and why it used to flood the console:
   names its logger after the file path instead of the module, so
   ``setup_ray_worker`` sets that logger's level itself.
 * MLflow's INFO lines on the workers (creating a new store's tables) follow
-  ``MLFLOW_LOGGING_LEVEL``: WARNING unless ``--verbose``.
+  ``MLFLOW_LOGGING_LEVEL``: WARNING unless ``--verbose``; the driver creates a
+  new SQLite store quietly too. matplotlib's "generated new fontManager" (once per
+  fresh ``HOME``, when rank 0 draws its first plot) is an INFO line kept off as well.
+* ``core_worker.cc: Actor with class name: 'PreemptionWatcher' … has constructor
+  arguments in the object store``, an error-level line from Ray's C++ core at
+  every worker-group start: Ray Train 2.60 starts a watcher actor that polls the
+  GCS for node drain notices and hands them to ``ray.train.get_preemption_info()``.
+  Our loop does not read that: a preemption reaches it as SIGTERM (driver or
+  worker, ``pipeline.train.preempt``). ``ray_init_options`` turns the watcher off
+  (``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`` for the job), and with it the line.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ VERBOSE_ENV = "PIPELINE_VERBOSE"  # set for every worker of the job by ``ray_ini
 # Ray Train logs each ``ray.train.report`` with the result's full repr, at INFO, on a logger named after
 # this file's path rather than its module (so ``ray.train``'s level does not reach it).
 _REPORT_LOGGER_FILE = ("train", "v2", "_internal", "execution", "context.py")
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 _TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
@@ -65,6 +75,7 @@ def setup_ray_worker() -> None:
     if os.environ.get(VERBOSE_ENV) == "1":
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.WARNING)
     report_logger = os.path.join(os.path.dirname(ray.__file__), *_REPORT_LOGGER_FILE)
     logging.getLogger(report_logger).setLevel(logging.WARNING)
 
@@ -75,7 +86,8 @@ def ray_init_options(verbose: bool) -> dict[str, Any]:
     logging.getLogger(_TOKEN_NOTICE_LOGGER).setLevel(logging.INFO if verbose else logging.ERROR)
     return {
         "runtime_env": {"worker_process_setup_hook": f"{__name__}.setup_ray_worker",
-                        "env_vars": {VERBOSE_ENV: "1" if verbose else "0"}},
+                        # Read by Ray Train's controller (see the module doc: the watcher nobody reads).
+                        "env_vars": {VERBOSE_ENV: "1" if verbose else "0", PREEMPTION_WATCHER_ENV: "0"}},
         "logging_level": logging.INFO if verbose else logging.WARNING,
     }
 

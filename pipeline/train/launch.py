@@ -10,6 +10,7 @@ working directory.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -90,15 +91,23 @@ def _scaling_config(cfg: TrainConfig, scaling_config_cls):
                               elastic_resize_monitor_interval_s=s.resize_check_s)
 
 
-def _create_sqlite_store(uri: str) -> None:
+def _create_sqlite_store(uri: str, verbose: bool = False) -> None:
     """Create (or migrate) a local SQLite store once, here, before any worker opens it.
 
     MLflow creates and migrates the schema on first open; several workers opening a new
-    store at once, or a worker killed mid-migration, leave it half-migrated.
+    store at once, or a worker killed mid-migration, leave it half-migrated. Its INFO lines
+    about doing so ("Creating initial MLflow database tables...") show only with ``--verbose``.
     """
     import mlflow
 
-    mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    level = store_log.level
+    if not verbose:
+        store_log.setLevel(logging.WARNING)
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    finally:
+        store_log.setLevel(level)
 
 
 def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_tags: dict[str, str] | None = None,
@@ -130,7 +139,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     artifact_location = (default_artifact_location(tracking_uri, cfg.tracking.artifact_location)
                          if tracking_uri else None)
     if tracking_uri and tracking_uri.startswith("sqlite:///"):
-        _create_sqlite_store(tracking_uri)
+        _create_sqlite_store(tracking_uri, verbose)
     storage_dir = f"{str(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
     local_storage = "://" not in storage_dir  # stop requests and the tracking spool are files there
     loop_config = {

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -249,8 +250,11 @@ class Tracker:
                                    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_out), "logits")]))
         example = np.zeros((2, *input_shape), dtype=np.float32)
         metadata = {"classes": list(classes)} if classes else None
-        mlflow.pytorch.save_model(model, str(path), signature=signature, input_example=example,
-                                  pip_requirements=_pip_requirements(), metadata=metadata)
+        with warnings.catch_warnings():
+            # torch's archive writer warns that CPU weights are "not on CPU" when it groups the state dict.
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group", category=UserWarning)
+            mlflow.pytorch.save_model(model, str(path), signature=signature, input_example=example,
+                                      pip_requirements=_pip_requirements(), metadata=metadata)
         version_tags = self.final_metrics if version_tags is None else version_tags
         self._put({"t": "model", "path": rel, "name": name, "register": register,
                    "tags": {**self._source_tags, **(tags or {})}, "step": step or self.last_epoch,

@@ -8,15 +8,18 @@ batches are reported on their own as "epoch start" seconds):
 
   roi-decode          limit: DALI reader + ``decoders.image_random_crop`` (the crop window only), nothing else
   + resize            the same + ``fn.resize`` to 224×224 as the loader does it (default: linear, antialias)
-  + normalize         the same + ``crop_mirror_normalize`` (float CHW, random flip): the loader's whole graph
-  dali-cpu            ``make_loader(backend="dali", device="cpu")``: the graph + hand-off as torch tensors
+  + normalize         the same + ``crop_mirror_normalize`` (float CHW, random flip): the loader's image path
+  loader graph        the loader's own pipeline (``pipeline.data.dali.dali_pipeline``), run bare: the above plus
+                      label parsing and sample keys inside the graph, its shuffle buffer and checkpointing
+  dali-cpu            ``make_loader(backend="dali", device="cpu")``: that graph + the hand-off as torch tensors
   resize <variant>    the "+ resize" graph with one ``fn.resize`` option changed (interpolation, antialias,
                       ``min_filter``/``mag_filter``); its accuracy cost is measured as PSNR (dB) of its
                       224×224 output against the loader's own resize of the same decoded crops
   torch               baseline: the torch/webdataset fallback, one DataLoader worker per core
   pillow decode       reference: Pillow full decode (not ROI) of the same JPEG bytes, one process per core
 
-The breakdown (decode, resize, normalize, copy) is the difference between consecutive stages.
+The breakdown (decode, resize, normalize, labels/keys/checkpointing, hand-off) is the difference
+between consecutive stages, per image of the whole machine.
 Goal: dali-cpu ≥ 0.5 × roi-decode.
 
     python -m benchmarks.load_bench [--quick] [--workdir DIR]
@@ -108,6 +111,19 @@ def _graph(shard_dir: Path, stage: str, batch: int, threads: int, variant: dict 
     return pipe
 
 
+def _loader_graph(shard_dir: Path, batch: int, threads: int, seed: int = 0):
+    """The pipeline ``make_loader`` builds for rank 0 of 1 (train split), built but without its iterator."""
+    from pipeline.data.dali import dali_pipeline
+
+    shards = read_manifest(shard_dir)["splits"]["train"]["shards"]
+    pipe = dali_pipeline(paths=[str(shard_dir / s["tar"]) for s in shards],
+                         index_paths=[str(shard_dir / s["index"]) for s in shards], preset=get_preset("imagenet"),
+                         train=True, gpu=False, shard_id=0, num_shards=1, with_keys=True, batch_size=batch,
+                         num_threads=threads, device_id=None, seed=seed)
+    pipe.build()
+    return pipe
+
+
 WARM_BATCHES = 2  # not timed in any case: a pipeline's build and prefetch queue (2 deep) fill here
 
 
@@ -179,6 +195,9 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
     """Measure every case, interleaved rounds; one images/s ``Result`` per case, plus resize PSNRs."""
     import torch
 
+    from pipeline.train.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # as in every CPU training process (``setup_torch``), where the loader runs
     n, batch = (48, 16) if quick else (800, 32)
     repeats = repeats or (1 if quick else 3)
     cores = len(os.sched_getaffinity(0))
@@ -207,7 +226,8 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
         return once
 
     def graph_case(stage: str, variant: dict | None = None):
-        pipe = _graph(shard_dir, stage, batch, cores, variant)
+        pipe = (_loader_graph(shard_dir, batch, cores) if stage == "loader-graph"
+                else _graph(shard_dir, stage, batch, cores, variant))
         _graph_rate(pipe, iterations, batch)  # warm-up
         return lambda: _graph_rate(pipe, iterations, batch)
 
@@ -224,6 +244,7 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
     plan = [("roi-decode", "limit", graph_case("decode"), {"stage": "decode"}),
             ("+ resize", "case", graph_case("resize"), {"stage": "resize"}),
             ("+ normalize", "case", graph_case("normalize"), {"stage": "normalize"}),
+            ("loader graph", "case", graph_case("loader-graph"), {"stage": "loader-graph"}),
             ("dali-cpu", "case", loader_case("dali", num_threads=cores), {"stage": "loader"}),
             ("torch", "baseline", loader_case("torch", num_workers=cores), {"backend": "torch"}),
             ("pillow decode", "baseline", pillow, {"processes": cores})]
@@ -250,7 +271,8 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
                               "epoch_start_s", "s", secs, {**params, "what": "iter() to first batch, not timed above"}))
     # Where the graph's time goes, per round (rounds ran back to back, so their differences pair up).
     stages = [("decode", None, "roi-decode"), ("resize", "roi-decode", "+ resize"),
-              ("normalize", "+ resize", "+ normalize"), ("copy to torch", "+ normalize", "dali-cpu")]
+              ("normalize", "+ resize", "+ normalize"), ("labels, keys, checkpointing", "+ normalize", "loader graph"),
+              ("hand-off to torch", "loader graph", "dali-cpu")]
     for stage, a, b in stages:
         ms = [1000 * (1 / rb - (1 / ra if a else 0)) for ra, rb in zip(rates[a] if a else rates[b], rates[b])]
         results.append(Result("load", f"breakdown: {stage}", "case", "ms_per_image", "ms/image", ms,

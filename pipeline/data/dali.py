@@ -68,7 +68,7 @@ class DaliLoader(LoaderBase):
 
         shards = self._epoch_shards()
         device_id = torch.cuda.current_device() if self.device == "gpu" else None
-        pipe = _pipeline(
+        pipe = dali_pipeline(
             paths=[str(s.tar) for s in shards],
             index_paths=[str(s.index) for s in shards],
             preset=self._preset_def,
@@ -173,7 +173,7 @@ def _parse_cls(cls: Any) -> Any:
     return fn.cast(value, dtype=types.INT64)
 
 
-def _pipeline(*, paths: list[str], index_paths: list[str], preset: Preset, train: bool, gpu: bool, shard_id: int,
+def dali_pipeline(*, paths: list[str], index_paths: list[str], preset: Preset, train: bool, gpu: bool, shard_id: int,
               num_shards: int, with_keys: bool, batch_size: int, num_threads: int, device_id: int | None,
               seed: int, checkpoint: bytes | None = None) -> Any:
     from nvidia.dali import fn, pipeline_def, types

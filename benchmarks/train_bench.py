@@ -18,6 +18,13 @@ so drift in the machine's load hits all of them. A run's figure is images/s summ
 over the epochs after the first (warm-up: threads, allocator, DALI pipeline), counting only the
 training steps (data wait included, evaluation and start-up not).
 
+Where the machine's CPU went: while a case runs, the bench samples the CPU time of the case's
+process tree twice a second, split into the training ranks (the Ray Train workers; the loop's own
+processes otherwise) and everything else (the Ray driver, raylet, GCS, dashboard, Ray Train's
+controller and helper actors, torchrun's agent). Over the timed epochs (from the end of the first
+to the end of the last: for Ray, the epochs' checkpoint times, so its window also holds validation
+and checkpointing) it reports each as a share of all cores: ``cpu_ranks`` and ``cpu_other``.
+
     python -m benchmarks.train_bench [--quick] [--workdir DIR]
 """
 
@@ -82,8 +89,9 @@ def settings(cfg, world: int) -> dict[str, Any]:
 # --- the cases' own processes -------------------------------------------------------------------------------
 
 
-def _loop(cfg, rank: int, world: int, synthetic: bool) -> tuple[list[float], dict[str, Any]]:
-    """Per-epoch images/s of this rank, and the settings the step really ran with (read back from it)."""
+def _loop(cfg, rank: int, world: int, synthetic: bool) -> tuple[list[float], dict[str, Any], list[float]]:
+    """Per-epoch images/s of this rank, the settings the step really ran with (read back from it), and the
+    unix time at the end of each epoch."""
     import torch
 
     from pipeline.data import make_loader
@@ -107,7 +115,7 @@ def _loop(cfg, rank: int, world: int, synthetic: bool) -> tuple[list[float], dic
         model = torch.nn.parallel.DistributedDataParallel(model)
     step = TrainStep.from_config(model, optimizer, cfg, device, schedule)
     fixed = next(iter(loader)) if synthetic else None
-    rates = []
+    rates, ends = [], []
     for epoch in range(cfg.train.epochs):
         loader.set_epoch(epoch)
         model.train()
@@ -119,13 +127,14 @@ def _loop(cfg, rank: int, world: int, synthetic: bool) -> tuple[list[float], dic
             meter.step_done(y.shape[0])
         loss.item()  # host sync before the epoch's clock is read (a no-op on the CPU)
         rates.append(meter.total().images_per_s)
+        ends.append(time.time())
     # Read back from the objects that ran, not from the config: what the test compares across cases.
     seen = {"model": cfg.model.name, "channels_last": step.memory_format == torch.channels_last,
             "precision": cfg.train.precision, "batch_per_worker": loader.plan.batch_size,
             "torch_threads": torch.get_num_threads(), "loader_threads": loader_threads(world),
             "backend": cfg.data.backend, "augment": step.augment, "optimizer": type(optimizer).__name__.lower(),
             "compile": step.step_model is not step.model, "world_size": world}
-    return rates, seen
+    return rates, seen, ends
 
 
 def _run_case(args: argparse.Namespace) -> None:
@@ -138,25 +147,26 @@ def _run_case(args: argparse.Namespace) -> None:
         from pipeline.train.launch import fit
 
         res = fit(cfg, console=False)
-        metas = sorted((load_meta(p) for p in Path(res.storage_dir).glob("checkpoint_*") if p.is_dir()),
-                       key=lambda m: m["epoch"])
-        out = {"rates": [m["metrics"]["train_images_per_s"] for m in metas], "settings": settings(cfg, args.workers)}
+        done = sorted(((load_meta(p), (p / "meta.json").stat().st_mtime)
+                       for p in Path(res.storage_dir).glob("checkpoint_*") if p.is_dir()), key=lambda m: m[0]["epoch"])
+        out = {"rates": [m["metrics"]["train_images_per_s"] for m, _ in done], "settings": settings(cfg, args.workers),
+               "epoch_ends": [t for _, t in done]}
     elif args.case == "ddp":
         import torch
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        rates, seen = _loop(cfg, rank, world, synthetic=False)
+        rates, seen, ends = _loop(cfg, rank, world, synthetic=False)
         total = torch.tensor(rates, dtype=torch.float64)
         dist.all_reduce(total)  # images/s over all ranks, as the Ray loop reports it
         dist.destroy_process_group()
         if rank != 0:
             return
-        out = {"rates": total.tolist(), "settings": seen}
+        out = {"rates": total.tolist(), "settings": seen, "epoch_ends": ends}
     else:
-        rates, seen = _loop(cfg, 0, 1, synthetic=args.case == "synthetic")
-        out = {"rates": rates, "settings": seen}
+        rates, seen, ends = _loop(cfg, 0, 1, synthetic=args.case == "synthetic")
+        out = {"rates": rates, "settings": seen, "epoch_ends": ends}
     write_atomic(args.out, lambda f: f.write(json.dumps(out).encode()))
 
 
@@ -181,18 +191,85 @@ def cases(quick: bool) -> list[tuple[str, str, str, int]]:
     return out
 
 
+class _CpuSampler:
+    """CPU seconds of a process tree, split into training ranks and the rest, sampled in a thread."""
+
+    def __init__(self, pid: int, kind: str, period_s: float = 0.5) -> None:
+        import threading
+
+        self.pid, self.kind, self.period_s = pid, kind, period_s
+        self.samples: list[tuple[float, float, float]] = []  # (unix time, ranks' CPU s, others' CPU s)
+        self._last: dict[int, tuple[bool, float]] = {}  # pid -> (is a rank, CPU s): keeps exited processes' time
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _is_rank(self, cmdline: list[str]) -> bool:
+        line = " ".join(cmdline)
+        if self.kind == "ray":
+            return "RayTrainWorker" in line
+        return "benchmarks.train_bench" in line and "torch.distributed.run" not in line
+
+    def _sample(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in procs:
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    rank = self._last[p.pid][0] if p.pid in self._last else self._is_rank(p.cmdline())
+                self._last[p.pid] = (rank, t.user + t.system)
+            except psutil.Error:
+                continue
+        ranks = sum(cpu for rank, cpu in self._last.values() if rank)
+        self.samples.append((time.time(), ranks, sum(cpu for _, cpu in self._last.values()) - ranks))
+
+    def _run(self) -> None:
+        while not self._done.wait(self.period_s):
+            self._sample()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def shares(self, start: float, end: float, cores: int) -> dict[str, float]:
+        """Ranks' and others' CPU between the samples nearest ``start`` and ``end``, as shares of all cores."""
+        if len(self.samples) < 2 or end <= start:
+            return {}
+        a = min(self.samples, key=lambda x: abs(x[0] - start))
+        b = min(self.samples, key=lambda x: abs(x[0] - end))
+        wall = (b[0] - a[0]) * cores
+        if wall <= 0:
+            return {}
+        return {"cpu_ranks": (b[1] - a[1]) / wall, "cpu_other": (b[2] - a[2]) / wall}
+
+
 def _one(name: str, kind: str, workers: int, shards: Path, workdir: Path, epochs: int) -> dict[str, Any]:
     out = workdir / f"case-{name}-{time.time_ns()}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     # A session of its own: with the kernel's autogroup scheduling, CPU under contention is shared per
     # session, so every case gets one share, whatever else the benchmark's own session runs.
-    proc = subprocess.run(_command(kind, workers, shards, workdir, epochs, out), env=env, capture_output=True,
-                          text=True, timeout=1800, start_new_session=True)
+    proc = subprocess.Popen(_command(kind, workers, shards, workdir, epochs, out), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    sampler = _CpuSampler(proc.pid, kind)
+    try:
+        stdout, stderr = proc.communicate(timeout=1800)
+    finally:
+        sampler.stop()
+        if proc.poll() is None:
+            proc.kill()
     if proc.returncode != 0 or not out.exists():
-        raise RuntimeError(f"case {name} exited with {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}")
+        raise RuntimeError(f"case {name} exited with {proc.returncode}: {(stderr or stdout)[-2000:]}")
     data = json.loads(out.read_text())
     out.unlink()
+    ends = data.get("epoch_ends", [])
+    data["cpu"] = sampler.shares(ends[0], ends[-1], os.cpu_count() or 1) if len(ends) > 1 else {}
     return data
 
 
@@ -210,6 +287,7 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
         plan = cases(quick)
         rates: dict[str, list[float]] = {name: [] for name, *_ in plan}
         seen: dict[str, dict[str, Any]] = {}
+        cpu: dict[str, dict[str, list[float]]] = {name: {} for name, *_ in plan}
         load: list[float] = []
         for _ in range(repeats):
             for name, _, kind, workers in plan:
@@ -217,13 +295,16 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
                 data = _one(name, kind, workers, shards, workdir, epochs)
                 warm = data["rates"][1:] or data["rates"]
                 rates[name].append(statistics.fmean(warm))
-                print(f"[train bench] {name}: {rates[name][-1]:.1f} images/s (load average {load[-1]:.1f})",
+                shares = "".join(f", {k} {v:.0%}" for k, v in data["cpu"].items())
+                print(f"[train bench] {name}: {rates[name][-1]:.1f} images/s (load average {load[-1]:.1f}{shares})",
                       file=sys.stderr, flush=True)
                 seen[name] = data["settings"]
+                for key, share in data["cpu"].items():
+                    cpu[name].setdefault(key, []).append(round(share, 3))
         results = []
         for name, role, kind, workers in plan:
             params = {**seen[name], "epochs_measured": epochs - 1, "runs": repeats, "images": images,
-                      "load_avg_1m": [round(x, 2) for x in load]}
+                      "load_avg_1m": [round(x, 2) for x in load], **cpu[name]}
             if kind in ("ray", "ddp"):
                 params.update(scaling=workers, series="ray train" if kind == "ray" else "torchrun")
             results.append(Result("train", name, role, "images_per_s", "images/s", rates[name], params))

@@ -115,6 +115,25 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def test_cpu_sampler_splits_a_process_tree_into_ranks_and_the_rest():
+    import time
+
+    from benchmarks.train_bench import _CpuSampler
+
+    # A parent that sleeps, with one child that spins (its command line names the bench, as a rank's does).
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 3: pass"
+    parent = (f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {spin!r}, 'benchmarks.train_bench'])")
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    sampler = _CpuSampler(proc.pid, "plain", period_s=0.1)
+    start = time.time()
+    proc.wait(timeout=60)
+    sampler.stop()
+    cores = os.cpu_count() or 1
+    shares = sampler.shares(start + 0.8, start + 2.8, cores)
+    assert 0.4 / cores < shares["cpu_ranks"] <= 1.1 / cores, shares  # about one core of all of them
+    assert shares["cpu_other"] < 0.1 / cores, shares  # the sleeping parent
+
+
 def test_ray_and_torchrun_cases_train_what_the_plain_loop_trains(tmp_path):
     """One config for every training case: Ray and torchrun differ from the plain loop only in world size."""
     from benchmarks.train_bench import bench_config, cases, settings

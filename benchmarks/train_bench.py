@@ -222,7 +222,7 @@ class _CpuSampler:
             try:
                 with p.oneshot():
                     t = p.cpu_times()
-                    rank = self._last[p.pid][0] if p.pid in self._last else self._is_rank(p.cmdline())
+                    rank = self._is_rank(p.cmdline())  # read each time: a Ray worker starts as ray::IDLE
                 self._last[p.pid] = (rank, t.user + t.system)
             except psutil.Error:
                 continue

@@ -90,7 +90,9 @@ def shard(source: Path, out: Path, rebuild: bool) -> tuple[float | None, bool]:
         except UserError:
             pass
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline", "shard", str(source), str(out), "--no-progress"], check=True)
+    cmd = [sys.executable, "-m", "pipeline", "shard", str(source), str(out), "--no-progress"]
+    if subprocess.run(cmd).returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed")
     return time.perf_counter() - t0, False
 
 
@@ -213,4 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except RuntimeError as exc:  # a failed step (shard, train, evaluate) has printed its own error above
+        print(f"[accuracy] error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -173,9 +173,9 @@ def _parse_cls(cls: Any) -> Any:
     return fn.cast(value, dtype=types.INT64)
 
 
-def dali_pipeline(*, paths: list[str], index_paths: list[str], preset: Preset, train: bool, gpu: bool, shard_id: int,
-              num_shards: int, with_keys: bool, batch_size: int, num_threads: int, device_id: int | None,
-              seed: int, checkpoint: bytes | None = None) -> Any:
+def dali_pipeline(*, paths: list[str], index_paths: list[str], preset: Preset, train: bool, gpu: bool,
+                  shard_id: int, num_shards: int, with_keys: bool, batch_size: int, num_threads: int,
+                  device_id: int | None, seed: int, checkpoint: bytes | None = None) -> Any:
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(enable_conditionals=False)

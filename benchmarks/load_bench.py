@@ -82,18 +82,23 @@ def _resize_args(variant: dict) -> dict:
     return {k: getattr(types, v) if isinstance(v, str) else v for k, v in variant.items()}
 
 
+def _train_files(shard_dir: Path) -> tuple[list[str], list[str]]:
+    """The train split's tar and index paths, in manifest order: every graph case reads these."""
+    shards = read_manifest(shard_dir)["splits"]["train"]["shards"]
+    return [str(shard_dir / s["tar"]) for s in shards], [str(shard_dir / s["index"]) for s in shards]
+
+
 def _graph(shard_dir: Path, stage: str, batch: int, threads: int, variant: dict | None = None, seed: int = 0):
     """The loader's CPU train graph cut after ``stage`` ("decode", "resize", "normalize"), as a built pipeline."""
     from nvidia.dali import fn, pipeline_def, types
 
     preset = get_preset("imagenet")
-    shards = read_manifest(shard_dir)["splits"]["train"]["shards"]
+    tars, indexes = _train_files(shard_dir)
 
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=None, seed=seed, prefetch_queue_depth=2)
     def graph():
         encoded, _ = fn.readers.webdataset(
-            paths=[str(shard_dir / s["tar"]) for s in shards],
-            index_paths=[str(shard_dir / s["index"]) for s in shards],
+            paths=tars, index_paths=indexes,
             ext=["jpg", "cls"], random_shuffle=True, initial_fill=256, pad_last_batch=True, name="Reader")
         images = fn.decoders.image_random_crop(encoded, device="cpu", output_type=types.RGB,
                                                random_area=list(preset.scale), random_aspect_ratio=list(preset.ratio),
@@ -115,11 +120,10 @@ def _loader_graph(shard_dir: Path, batch: int, threads: int, seed: int = 0):
     """The pipeline ``make_loader`` builds for rank 0 of 1 (train split), built but without its iterator."""
     from pipeline.data.dali import dali_pipeline
 
-    shards = read_manifest(shard_dir)["splits"]["train"]["shards"]
-    pipe = dali_pipeline(paths=[str(shard_dir / s["tar"]) for s in shards],
-                         index_paths=[str(shard_dir / s["index"]) for s in shards], preset=get_preset("imagenet"),
-                         train=True, gpu=False, shard_id=0, num_shards=1, with_keys=True, batch_size=batch,
-                         num_threads=threads, device_id=None, seed=seed)
+    tars, indexes = _train_files(shard_dir)
+    pipe = dali_pipeline(paths=tars, index_paths=indexes, preset=get_preset("imagenet"), train=True, gpu=False,
+                         shard_id=0, num_shards=1, with_keys=True, batch_size=batch, num_threads=threads,
+                         device_id=None, seed=seed)
     pipe.build()
     return pipe
 

@@ -1,13 +1,14 @@
-"""pipeline.train.resume: the newest complete checkpoint on storage, whether Ray Train registered it or not."""
+"""Which checkpoints a job resumes from, and which leftovers of faults it removes: storage and local staging."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
-from pipeline.train.resume import newest_complete
+from pipeline.train.resume import newest_complete, prune_unkept
 
 
 def _checkpoint(root: Path, name: str, global_step: int | None, world: int = 2, *, cut: str | None = None,
@@ -74,3 +75,41 @@ def test_resume_checkpoint_takes_the_newer_one_on_storage_over_the_registered_on
     with chosen.as_directory() as d:
         assert Path(d) == newer  # local storage: read in place
     assert resume_checkpoint(str(tmp_path / "none"), None) is None
+
+
+def test_prune_removes_what_ray_does_not_keep_but_never_a_newer_resume_point(tmp_path):
+    job = tmp_path / "job"
+    orphan = _checkpoint(job, "checkpoint_2026-01-01_00-00-01.000", 8)  # complete, never registered
+    kept = [_checkpoint(job, f"checkpoint_2026-01-01_00-00-0{i}.000", 8 * i) for i in (2, 3)]
+    _checkpoint(job, "checkpoint_2026-01-01_00-00-04.000", 40, cut="rank-1.pt")  # cut short by a lost node
+    newer = _checkpoint(job, "checkpoint_2026-01-01_00-00-05.000", 48)  # complete and newer: a resume point
+    (job / "checkpoint_2026-01-01_00-00-06.000").mkdir()  # upload begun, nothing in it
+    (job / "best_checkpoint").mkdir()
+    (job / "checkpoint_manager_snapshot.json").write_text("{}")
+
+    removed = prune_unkept(str(job), [str(k) for k in kept])
+
+    assert removed == [orphan.name, "checkpoint_2026-01-01_00-00-04.000", "checkpoint_2026-01-01_00-00-06.000"]
+    assert sorted(p.name for p in job.iterdir()) == sorted(
+        [*(k.name for k in kept), newer.name, "best_checkpoint", "checkpoint_manager_snapshot.json"])
+    assert newest_complete(str(job)) == str(newer)
+    assert prune_unkept(str(job), []) == []  # nothing registered (a job with no checkpoint): nothing touched
+    assert newer.is_dir()
+
+
+def test_stale_staging_of_a_dead_process_is_removed_a_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.train.checkpoint import clear_stale_staging
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = tmp_path / f"pipeline-ckpt-{int(dead.stdout)}-abc123"  # its process has exited
+    gone.mkdir()
+    torch.save({"x": torch.arange(10)}, gone / "state.pt")
+    live = tmp_path / f"pipeline-ckpt-{os.getpid()}-def456"  # this process: a job still writing
+    live.mkdir()
+    other = tmp_path / "pipeline-ckpt-notapid"  # not of our naming: left alone
+    other.mkdir()
+    assert clear_stale_staging(tmp_path) == [gone.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])

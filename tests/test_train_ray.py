@@ -150,8 +150,18 @@ def test_checkpoint_loads_weights_only_and_evaluate_agrees(killed_run, work, cap
     assert set(out["per_class"]) == set(load_meta(result.checkpoint_path)["classes"])
 
 
+ORPHAN = "checkpoint_2000-01-01_00-00-00.000000"
+
+
 @pytest.fixture(scope="module")
 def extended_run(killed_run, work):
+    # What a node lost mid-upload leaves: a checkpoint directory Ray Train never registered, cut short.
+    first, _ = killed_run
+    orphan = Path(first.storage_dir) / ORPHAN
+    orphan.mkdir()
+    for name in ("meta.json", "state.pt"):
+        data = (Path(first.checkpoint_path) / name).read_bytes()
+        (orphan / name).write_bytes(data[: len(data) // 2] if name == "state.pt" else data)
     return fit(_cfg(work, "fm-job", "train.epochs=4"))
 
 
@@ -162,6 +172,9 @@ def test_finished_job_started_with_more_epochs_continues(extended_run, killed_ru
     assert [s for s, _ in _history(first.mlflow_run_id, "val_loss", work["uri"])] == [1, 2, 3, 4]
     state = load_state(extended_run.checkpoint_path)
     assert state["global_step"] == 4 * (1024 // (2 * 64))  # one more epoch of steps, not four
+    # Only what Ray Train keeps (run.checkpoints_to_keep, 2) is left: the orphan went with the job's end.
+    left = sorted(p.name for p in Path(extended_run.storage_dir).glob("checkpoint_*") if p.is_dir())
+    assert len(left) == 2 and ORPHAN not in left and Path(extended_run.checkpoint_path).name in left
 
 
 def test_finetune_bf16_new_class_count_frozen_backbone(extended_run, work):

@@ -11,6 +11,9 @@ stores as the best checkpoint.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from pipeline.fileio import write_atomic
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+STAGING_PREFIX = "pipeline-ckpt-"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -42,6 +46,37 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], meta: dict[str
     write_atomic(directory / STATE_FILE, lambda f: torch.save(state, f))
     write_atomic(directory / META_FILE, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
     return directory
+
+
+def staging_dir() -> str:
+    """A new local directory for one checkpoint before Ray Train uploads it, named after this process."""
+    return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
+
+
+def clear_stale_staging(root: str | Path | None = None) -> list[str]:
+    """Remove staging directories whose process is gone (killed mid-checkpoint); returns their names.
+
+    A worker killed between writing its part and removing it leaves a whole checkpoint in the
+    node's temp directory, one more each fault; those of live processes (other jobs) stay.
+    """
+    removed = []
+    for d in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = d.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or not d.is_dir() or _alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d.name)
+    return sorted(removed)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _state_path(path: str | Path) -> Path:
@@ -88,4 +123,5 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     return model, meta
 
 
-__all__ = ["META_FILE", "STATE_FILE", "load_meta", "load_model", "load_state", "save_checkpoint", "unwrap"]
+__all__ = ["META_FILE", "STATE_FILE", "clear_stale_staging", "load_meta", "load_model", "load_state",
+           "save_checkpoint", "staging_dir", "unwrap"]

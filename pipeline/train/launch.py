@@ -125,6 +125,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     from pipeline.train.lineage import capture_code
     from pipeline.train.loop import train_loop_per_worker
     from pipeline.train.preempt import clear_stop, read_stop, stop_on_signals
+    from pipeline.train.resume import prune_unkept
     from pipeline.train.topology import check_nodes, index_digest
     from pipeline.train.tracking import (default_artifact_location, find_job_run, job_run_id, resolve_tracking_uri,
                                          tracking_behind)
@@ -178,6 +179,8 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
                 if tracking_uri:
                     _record_failure(storage_dir, exc)
                 raise
+    # Checkpoints Ray Train never registered (a node lost mid-upload) are not in its count to keep.
+    prune_unkept(storage_dir, [c.path for c, _ in result.best_checkpoints or []])
     # A stop asked for as the job was ending anyway is no stop: the last report says which it was.
     stopped = read_stop(storage_dir) if local_storage and result.metrics.get("stopped") else None
     # The run id from the job's tracking spool: no call to a tracking server that may be down.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.metrics import ThroughputMeter
-from pipeline.train.checkpoint import load_state, unwrap
+from pipeline.train.checkpoint import clear_stale_staging, load_state, staging_dir, unwrap
 from pipeline.train.config import TrainConfig, config_from_dict
 from pipeline.train.console import WorkerConsole
 from pipeline.train.coverage import log_coverage
@@ -155,6 +154,7 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
     cfg, layout = setup_worker(cfg, loop_config)  # fails naming this node if it cannot see the data; prints ranks
     device = ray.train.torch.get_device()
     setup_torch(cfg, device)
+    clear_stale_staging()  # checkpoint parts a killed worker left in this node's temp directory
 
     shards = cfg.data.shards
     manifest = read_manifest(shards)
@@ -325,7 +325,7 @@ def _checkpoint(w: _Worker, metrics: dict[str, Any], keep: bool = False) -> str:
     """Every rank writes its part and reports it: Ray Train merges the ranks' directories into one checkpoint."""
     import ray.train
 
-    tmp = tempfile.mkdtemp(prefix="pipeline-ckpt-")
+    tmp = staging_dir()
     try:
         w.state.save(tmp, {**w.meta, "epoch": w.state.epoch, "step_in_epoch": w.state.step_in_epoch,
                            "global_step": w.state.global_step, "world_size": w.world,  # pipeline.train.resume

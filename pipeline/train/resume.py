@@ -84,8 +84,44 @@ def newest_complete(storage_dir: str, registered_path: str | None = None) -> str
         if meta is not None:
             # Global steps only grow (a restarted epoch trains under new step numbers); older
             # checkpoints without one fall back to the directory name, a timestamp.
-            ranked.append((int(meta.get("global_step", -1)), path.rstrip("/").rsplit("/", 1)[-1], path))
+            ranked.append((int(meta.get("global_step", -1)), _name(path), path))
     return max(ranked)[2] if ranked else None
+
+
+def prune_unkept(storage_dir: str, kept: list[str]) -> list[str]:
+    """Remove the job's ``checkpoint_*`` directories that are not in ``kept``; returns their names.
+
+    Call it once the job has ended well: ``kept`` is what Ray Train still holds (``Result.best_checkpoints``).
+    A complete checkpoint newer than every kept one stays, since a restarted job would resume from it.
+    """
+    kept_names = {_name(p) for p in kept}
+    if not kept_names:
+        return []
+    fs, root = _filesystem(storage_dir)
+    paths = _checkpoint_dirs(fs, root)
+    newest_kept = max((_global_step(fs, p) for p in paths if _name(p) in kept_names), default=-1)
+    removed = []
+    for path in paths:
+        if _name(path) in kept_names:
+            continue
+        if _global_step(fs, path) > newest_kept:
+            continue
+        try:
+            fs.delete_dir(path)
+        except OSError:
+            continue  # gone already, or not ours to delete: it stays, as before
+        removed.append(_name(path))
+    return sorted(removed)
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _global_step(fs, path: str) -> int:
+    """A complete checkpoint's global step; -1 for one that is not complete."""
+    meta = _complete_meta(fs, path)
+    return -1 if meta is None else int(meta.get("global_step", -1))
 
 
 def _filesystem(storage_dir: str):
@@ -119,4 +155,4 @@ def _complete_meta(fs, path: str) -> dict[str, Any] | None:
     return meta
 
 
-__all__ = ["log_missed_epoch", "newest_complete", "resume_checkpoint"]
+__all__ = ["log_missed_epoch", "newest_complete", "prune_unkept", "resume_checkpoint"]

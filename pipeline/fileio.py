@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one), and URIs told from paths."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for a URI (``s3://``, ``gs://``, ``sqlite:///``, ``file://``...), False for a plain path."""
+    return "://" in str(location)
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:

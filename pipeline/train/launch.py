@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.fileio import is_uri
 from pipeline.train.config import TrainConfig
 
 
@@ -38,7 +39,7 @@ def resolve_paths(cfg: TrainConfig, cwd: Path | None = None) -> TrainConfig:
     cwd = cwd or Path.cwd()
     shards = cfg.data.shards if cfg.data.shards.is_absolute() else (cwd / cfg.data.shards).resolve()
     storage = str(cfg.run.storage_path)
-    if "://" not in storage:
+    if not is_uri(storage):
         storage = str((cwd / Path(storage).expanduser()).resolve())
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, shards=shards),
@@ -142,7 +143,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     if tracking_uri and tracking_uri.startswith("sqlite:///"):
         _create_sqlite_store(tracking_uri, verbose)
     storage_dir = f"{str(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
-    local_storage = "://" not in storage_dir  # stop requests and the tracking spool are files there
+    local_storage = not is_uri(storage_dir)  # stop requests and the tracking spool are files there
     loop_config = {
         "cfg": cfg.to_dict(),
         "tracking_uri": tracking_uri,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
+from pipeline.fileio import is_uri
 
 SPLIT_CONTEXT = {"train": "training", "val": "validation"}
 SCHEMA = {"mlflow_colspec": [
@@ -58,11 +59,11 @@ def dataset_inputs(shards: str | Path, manifest: dict[str, Any], splits: dict[st
                    "num_classes": manifest.get("num_classes", len(manifest.get("classes", [])))}
         if split in counts:
             profile["class_counts"] = dict(zip(manifest.get("classes", []), counts[split]))
-        source = {"uri": shards} if "://" in shards else {"path": shards}
+        source = {"uri": shards} if is_uri(shards) else {"path": shards}
         out.append({"context": context, "dataset": {
             "name": f"{Path(shards.rstrip('/')).name}/{split}",
             "digest": split_digest(manifest, split),
-            "source_type": "uri" if "://" in shards else "local",
+            "source_type": "uri" if is_uri(shards) else "local",
             "source": json.dumps(source),
             "schema": json.dumps(SCHEMA),
             "profile": json.dumps(profile),

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from pipeline.fileio import write_atomic
+from pipeline.fileio import is_uri, write_atomic
 
 if TYPE_CHECKING:
     from pipeline.train.config import RunSection
@@ -115,7 +115,7 @@ class Control:
         """A Ray Train worker's ``Control`` for ``run``'s checkpoint triggers; SIGTERM to the worker asks for a stop."""
         control = cls(storage_dir=storage_dir, rank=rank, world_size=world_size,
                       every_steps=run.checkpoint_every_steps, every_minutes=run.checkpoint_every_minutes)
-        if "://" not in storage_dir:  # the stop file needs storage the ranks share as a file system
+        if not is_uri(storage_dir):  # the stop file needs storage the ranks share as a file system
             stale = drop_worker_stop(storage_dir) if rank == 0 else None
             if stale:
                 print(f"[pipeline] ignored a stop request from the previous worker group ({stale}: "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.fileio import is_uri
 
 PROBE_TIMEOUT_S = 180.0  # a node that cannot start a task in this time is as good as missing
 
@@ -47,7 +48,7 @@ def probe(shards: str, index_sha256: str, storage: str) -> str | None:
             for name in (shard["tar"], shard["index"]):
                 if not os.access(Path(shards) / name, os.R_OK):
                     return f"cannot read {Path(shards) / name}, listed in {index}"
-    if "://" in storage:
+    if is_uri(storage):
         return None  # object storage: Ray Train's own client reports access errors
     try:
         Path(storage).mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import flatten
+from pipeline.fileio import is_uri
 from pipeline.train.tracking_queue import (EPOCH_METRIC, RECORDS, RUN_KEY_TAG, SPOOL_DIRNAME, STEP_METRIC, MlflowSink,
                                            Spool, TrackingQueue, find_run, http_env_defaults, read_job,
                                            write_job)
@@ -43,7 +44,7 @@ def resolve_tracking_uri(configured: str | None, cwd: Path | None = None) -> str
     cwd = cwd or Path.cwd()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str((cwd / uri[len("sqlite:///"):]).resolve())
-    if "://" not in uri:  # a plain directory: MLflow's file store
+    if not is_uri(uri):  # a plain directory: MLflow's file store
         return str((cwd / uri).resolve())
     return uri
 
@@ -55,7 +56,7 @@ def default_artifact_location(tracking_uri: str, configured: str | None, cwd: Pa
     tracking server decides its own artifact root, so ``None`` there.
     """
     if configured:
-        return configured if "://" in configured else (cwd or Path.cwd()).joinpath(configured).resolve().as_uri()
+        return configured if is_uri(configured) else (cwd or Path.cwd()).joinpath(configured).resolve().as_uri()
     if tracking_uri.startswith("sqlite:///"):
         return Path(tracking_uri[len("sqlite:///"):]).parent.joinpath(DEFAULT_ARTIFACT_DIR).as_uri()
     return None
@@ -283,7 +284,7 @@ class Tracker:
 
 def spool_dir_for(run_key: str) -> Path:
     """``<run key>/tracking`` for a local storage directory; for a URI (``s3://…``), a local directory."""
-    if "://" in run_key:
+    if is_uri(run_key):
         import re
         import tempfile
 

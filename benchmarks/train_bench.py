@@ -192,25 +192,40 @@ def cases(quick: bool) -> list[tuple[str, str, str, int]]:
 
 
 class _CpuSampler:
-    """CPU seconds of a process tree, split into training ranks and the rest, sampled in a thread."""
+    """CPU seconds of a process tree, split into training ranks and the rest, sampled in a thread.
+
+    The rest is also kept per kind of process (``ray::PlacementGroupCleaner``, ``raylet``, the
+    dashboard's modules...), so a report says which of them the ranks' missing share went to.
+    """
+
+    RANK = "ranks"
 
     def __init__(self, pid: int, kind: str, period_s: float = 0.5) -> None:
         import threading
 
         self.pid, self.kind, self.period_s = pid, kind, period_s
-        self.samples: list[tuple[float, float, float]] = []  # (unix time, ranks' CPU s, others' CPU s)
-        self._last: dict[int, tuple[bool, float]] = {}  # pid -> (is a rank, CPU s): keeps exited processes' time
+        self.samples: list[tuple[float, dict[str, float]]] = []  # (unix time, CPU s per kind of process)
+        self._last: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU s): keeps exited processes' time
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _is_rank(self, cmdline: list[str]) -> bool:
+    def _kind_of(self, cmdline: list[str]) -> str:
+        """``ranks`` for a training rank, else a short name for the kind of process."""
         line = " ".join(cmdline)
-        if self.kind == "ray":
-            return "RayTrainWorker" in line
-        return "benchmarks.train_bench" in line and "torch.distributed.run" not in line
+        if ("RayTrainWorker" in line if self.kind == "ray" else
+                "benchmarks.train_bench" in line and "torch.distributed.run" not in line):
+            return self.RANK
+        if line.startswith("ray::"):
+            return line.split()[0]
+        if line.startswith("ray-dashboard-"):
+            return "dashboard modules"
+        script = next((a for a in cmdline[1:] if a.endswith(".py")), cmdline[0] if cmdline else "?")
+        return script.rsplit("/", 1)[-1]
 
     def _sample(self) -> None:
+        import collections
+
         import psutil
 
         try:
@@ -222,12 +237,14 @@ class _CpuSampler:
             try:
                 with p.oneshot():
                     t = p.cpu_times()
-                    rank = self._is_rank(p.cmdline())  # read each time: a Ray worker starts as ray::IDLE
-                self._last[p.pid] = (rank, t.user + t.system)
+                    kind = self._kind_of(p.cmdline())  # read each time: a Ray worker starts as ray::IDLE
+                self._last[p.pid] = (kind, t.user + t.system)
             except psutil.Error:
                 continue
-        ranks = sum(cpu for rank, cpu in self._last.values() if rank)
-        self.samples.append((time.time(), ranks, sum(cpu for _, cpu in self._last.values()) - ranks))
+        totals: dict[str, float] = collections.Counter()
+        for kind, cpu in self._last.values():
+            totals[kind] += cpu
+        self.samples.append((time.time(), dict(totals)))
 
     def _run(self) -> None:
         while not self._done.wait(self.period_s):
@@ -237,8 +254,8 @@ class _CpuSampler:
         self._done.set()
         self._thread.join()
 
-    def shares(self, start: float, end: float, cores: int) -> dict[str, float]:
-        """Ranks' and others' CPU between the samples nearest ``start`` and ``end``, as shares of all cores."""
+    def by_kind(self, start: float, end: float, cores: int) -> dict[str, float]:
+        """Each kind of process's CPU between the samples nearest ``start`` and ``end``, as a share of all cores."""
         if len(self.samples) < 2 or end <= start:
             return {}
         a = min(self.samples, key=lambda x: abs(x[0] - start))
@@ -246,7 +263,21 @@ class _CpuSampler:
         wall = (b[0] - a[0]) * cores
         if wall <= 0:
             return {}
-        return {"cpu_ranks": (b[1] - a[1]) / wall, "cpu_other": (b[2] - a[2]) / wall}
+        return {k: (cpu - a[1].get(k, 0.0)) / wall for k, cpu in b[1].items()}
+
+    def shares(self, start: float, end: float, cores: int) -> dict[str, float]:
+        """Ranks' and others' CPU between the samples nearest ``start`` and ``end``, as shares of all cores."""
+        kinds = self.by_kind(start, end, cores)
+        if not kinds:
+            return {}
+        ranks = kinds.pop(self.RANK, 0.0)
+        return {"cpu_ranks": ranks, "cpu_other": sum(kinds.values())}
+
+
+def _top_kinds(shares: dict[str, list[float]], runs: int, floor: float = 0.002) -> dict[str, float]:
+    """Median share of all cores per kind of process over the runs (0 where a run had none), largest first."""
+    medians = {k: statistics.median(v + [0.0] * (runs - len(v))) for k, v in shares.items()}
+    return {k: round(v, 4) for k, v in sorted(medians.items(), key=lambda kv: -kv[1]) if v >= floor}
 
 
 def _one(name: str, kind: str, workers: int, shards: Path, workdir: Path, epochs: int) -> dict[str, Any]:
@@ -269,7 +300,9 @@ def _one(name: str, kind: str, workers: int, shards: Path, workdir: Path, epochs
     data = json.loads(out.read_text())
     out.unlink()
     ends = data.get("epoch_ends", [])
-    data["cpu"] = sampler.shares(ends[0], ends[-1], os.cpu_count() or 1) if len(ends) > 1 else {}
+    window = (ends[0], ends[-1], os.cpu_count() or 1) if len(ends) > 1 else (0.0, 0.0, 1)
+    data["cpu"] = sampler.shares(*window)
+    data["cpu_by_process"] = {k: v for k, v in sampler.by_kind(*window).items() if k != _CpuSampler.RANK}
     return data
 
 
@@ -288,6 +321,7 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
         rates: dict[str, list[float]] = {name: [] for name, *_ in plan}
         seen: dict[str, dict[str, Any]] = {}
         cpu: dict[str, dict[str, list[float]]] = {name: {} for name, *_ in plan}
+        others: dict[str, dict[str, list[float]]] = {name: {} for name, *_ in plan}  # per kind of process
         load: list[float] = []
         for _ in range(repeats):
             for name, _, kind, workers in plan:
@@ -301,10 +335,14 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
                 seen[name] = data["settings"]
                 for key, share in data["cpu"].items():
                     cpu[name].setdefault(key, []).append(round(share, 3))
+                for key, share in data["cpu_by_process"].items():
+                    others[name].setdefault(key, []).append(share)
         results = []
         for name, role, kind, workers in plan:
             params = {**seen[name], "epochs_measured": epochs - 1, "runs": repeats, "images": images,
                       "load_avg_1m": [round(x, 2) for x in load], **cpu[name]}
+            if cpu[name]:
+                params["cpu_other_by_process"] = _top_kinds(others[name], repeats)
             if kind in ("ray", "ddp"):
                 params.update(scaling=workers, series="ray train" if kind == "ray" else "torchrun")
             results.append(Result("train", name, role, "images_per_s", "images/s", rates[name], params))

@@ -120,9 +120,11 @@ def test_cpu_sampler_splits_a_process_tree_into_ranks_and_the_rest():
 
     from benchmarks.train_bench import _CpuSampler
 
-    # A parent that sleeps, with one child that spins (its command line names the bench, as a rank's does).
     spin = "import time\nt = time.time()\nwhile time.time() - t < 3: pass"
-    parent = (f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {spin!r}, 'benchmarks.train_bench'])")
+    # A parent that sleeps, with one child that spins (its command line names the bench, as a rank's does;
+    # the parent's own command line must not, so the name is put together at run time).
+    marker = "'benchmarks.' + 'train_bench'"
+    parent = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {spin!r}, {marker}])"
     proc = subprocess.Popen([sys.executable, "-c", parent])
     sampler = _CpuSampler(proc.pid, "plain", period_s=0.1)
     start = time.time()
@@ -132,6 +134,11 @@ def test_cpu_sampler_splits_a_process_tree_into_ranks_and_the_rest():
     shares = sampler.shares(start + 0.8, start + 2.8, cores)
     assert 0.4 / cores < shares["cpu_ranks"] <= 1.1 / cores, shares  # about one core of all of them
     assert shares["cpu_other"] < 0.1 / cores, shares  # the sleeping parent
+    kinds = sampler.by_kind(start + 0.8, start + 2.8, cores)
+    assert set(kinds) == {"ranks", Path(sys.executable).name}, kinds  # the parent, named after its program
+    assert kinds["ranks"] == shares["cpu_ranks"]
+    assert sampler._kind_of(["ray::PlacementGroupCleaner.run", "x"]) == "ray::PlacementGroupCleaner.run"
+    assert sampler._kind_of(["/venv/bin/python", "-u", "/venv/lib/ray/_private/log_monitor.py"]) == "log_monitor.py"
 
 
 def test_ray_and_torchrun_cases_train_what_the_plain_loop_trains(tmp_path):

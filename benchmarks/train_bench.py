@@ -10,6 +10,8 @@ threads, loader and its threads, warm-up epoch), so a ratio differs in exactly o
                        for Ray's overhead at equal world size.
 * ``ray-Nw``           ``pipeline.train.launch.fit`` with N Ray workers (the worker loop, which calls the same
                        ``TrainStep``). Goal: ≥ 0.95 × ``torchrun-Nw``.
+* ``plain-loop-glibc-malloc``  the plain loop with glibc's malloc as it comes (``PIPELINE_KEEP_FREED_MEMORY=0``):
+                       what ``pipeline.train.hostmem`` is worth.
 
 ResNet-50 on a GPU is ``pipeline bench gpu`` (``benchmarks.gpu_bench``).
 
@@ -45,6 +47,7 @@ from typing import Any
 
 from benchmarks.common import FASHION_MNIST, Ratio, Result, machine_info, now_utc, ratio
 from benchmarks.report import report_if_asked, stage_options
+from pipeline.train import hostmem
 
 MODEL = "seed_cnn"
 BATCH = 256  # per worker
@@ -83,7 +86,8 @@ def settings(cfg, world: int) -> dict[str, Any]:
     return {"model": cfg.model.name, "channels_last": cfg.model.channels_last, "precision": cfg.train.precision,
             "batch_per_worker": cfg.train.batch_size, "torch_threads": cfg.scaling.torch_threads,
             "loader_threads": loader_threads(world), "backend": cfg.data.backend, "augment": cfg.train.augment,
-            "optimizer": cfg.optim.name, "compile": cfg.model.compile, "world_size": world}
+            "optimizer": cfg.optim.name, "compile": cfg.model.compile, "world_size": world,
+            "keep_freed_memory": hostmem.wanted()}
 
 
 # --- the cases' own processes -------------------------------------------------------------------------------
@@ -133,7 +137,8 @@ def _loop(cfg, rank: int, world: int, synthetic: bool) -> tuple[list[float], dic
             "precision": cfg.train.precision, "batch_per_worker": loader.plan.batch_size,
             "torch_threads": torch.get_num_threads(), "loader_threads": loader_threads(world),
             "backend": cfg.data.backend, "augment": step.augment, "optimizer": type(optimizer).__name__.lower(),
-            "compile": step.step_model is not step.model, "world_size": world}
+            "compile": step.step_model is not step.model, "world_size": world,
+            "keep_freed_memory": hostmem.wanted()}
     return rates, seen, ends
 
 
@@ -182,12 +187,17 @@ def _command(case: str, workers: int, shards: Path, workdir: Path, epochs: int, 
     return [sys.executable, "-m", "benchmarks.train_bench", *tail]
 
 
+# Environment a case runs with on top of the bench's own; everything else equal to its kind's cases.
+CASE_ENV = {"plain-loop-glibc-malloc": {hostmem.ENV_VAR: "0"}}
+
+
 def cases(quick: bool) -> list[tuple[str, str, str, int]]:
     """(name, role, kind, world size) in the order each round runs them."""
     out = [("plain-loop", "baseline", "plain", 1), ("synthetic", "limit", "synthetic", 1),
            ("torchrun-2w", "baseline", "ddp", 2)]
     if not quick:  # Ray's start-up alone costs 15-30 s on a small machine; its path has its own tests
-        out += [("ray-1w", "case", "ray", 1), ("ray-2w", "case", "ray", 2)]
+        out += [("ray-1w", "case", "ray", 1), ("ray-2w", "case", "ray", 2),
+                ("plain-loop-glibc-malloc", "baseline", "plain", 1)]
     return out
 
 
@@ -283,7 +293,7 @@ def _top_kinds(shares: dict[str, list[float]], runs: int, floor: float = 0.002) 
 def _one(name: str, kind: str, workers: int, shards: Path, workdir: Path, epochs: int) -> dict[str, Any]:
     out = workdir / f"case-{name}-{time.time_ns()}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]), **CASE_ENV.get(name, {}))
     # A session of its own: with the kernel's autogroup scheduling, CPU under contention is shared per
     # session, so every case gets one share, whatever else the benchmark's own session runs.
     proc = subprocess.Popen(_command(kind, workers, shards, workdir, epochs, out), env=env, stdout=subprocess.PIPE,
@@ -364,6 +374,9 @@ def goals(results: list[Result]) -> list[Ratio]:
                          goal=0.95))
         out.append(ratio(results, "ray 2 workers / 1 worker", "ray-2w", "ray-1w", metric="images_per_s"))
     out.append(ratio(results, "torchrun 2 / plain loop", "torchrun-2w", "plain-loop", metric="images_per_s"))
+    if "plain-loop-glibc-malloc" in found:
+        out.append(ratio(results, "plain loop / the same with glibc's default malloc", "plain-loop",
+                         "plain-loop-glibc-malloc", metric="images_per_s"))
     return out
 
 

@@ -148,11 +148,11 @@ def _run_case(args: argparse.Namespace) -> None:
 
     cfg = bench_config(args.shards, args.workdir, args.workers, args.epochs)
     if args.case == "ray":
-        from pipeline.train.checkpoint import load_meta
+        from pipeline.train.checkpoint import META_FILE, load_meta
         from pipeline.train.launch import fit
 
         res = fit(cfg, console=False)
-        done = sorted(((load_meta(p), (p / "meta.json").stat().st_mtime)
+        done = sorted(((load_meta(p), (p / META_FILE).stat().st_mtime)
                        for p in Path(res.storage_dir).glob("checkpoint_*") if p.is_dir()), key=lambda m: m[0]["epoch"])
         out = {"rates": [m["metrics"]["train_images_per_s"] for m, _ in done], "settings": settings(cfg, args.workers),
                "epoch_ends": [t for _, t in done]}
@@ -277,11 +277,14 @@ class _CpuSampler:
 
     def shares(self, start: float, end: float, cores: int) -> dict[str, float]:
         """Ranks' and others' CPU between the samples nearest ``start`` and ``end``, as shares of all cores."""
-        kinds = self.by_kind(start, end, cores)
+        return self.split(self.by_kind(start, end, cores))
+
+    @classmethod
+    def split(cls, kinds: dict[str, float]) -> dict[str, float]:
+        """``by_kind``'s shares summed into the ranks' (``cpu_ranks``) and everything else's (``cpu_other``)."""
         if not kinds:
             return {}
-        ranks = kinds.pop(self.RANK, 0.0)
-        return {"cpu_ranks": ranks, "cpu_other": sum(kinds.values())}
+        return {"cpu_ranks": kinds.get(cls.RANK, 0.0), "cpu_other": sum(v for k, v in kinds.items() if k != cls.RANK)}
 
 
 def _top_kinds(shares: dict[str, list[float]], runs: int, floor: float = 0.002) -> dict[str, float]:
@@ -310,9 +313,9 @@ def _one(name: str, kind: str, workers: int, shards: Path, workdir: Path, epochs
     data = json.loads(out.read_text())
     out.unlink()
     ends = data.get("epoch_ends", [])
-    window = (ends[0], ends[-1], os.cpu_count() or 1) if len(ends) > 1 else (0.0, 0.0, 1)
-    data["cpu"] = sampler.shares(*window)
-    data["cpu_by_process"] = {k: v for k, v in sampler.by_kind(*window).items() if k != _CpuSampler.RANK}
+    kinds = sampler.by_kind(ends[0], ends[-1], os.cpu_count() or 1) if len(ends) > 1 else {}
+    data["cpu"] = _CpuSampler.split(kinds)
+    data["cpu_by_process"] = {k: v for k, v in kinds.items() if k != _CpuSampler.RANK}
     return data
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.train.console import DriverConsole, WorkerConsole, format_event
+from pipeline.train.ray_output import FOLD_NOTE, TracebackFolder, folded_tracebacks
 
 EPOCH = {"train_loss": 1.5, "val_loss": 1.2, "val_top1": 0.61, "val_top5": 0.97, "train_images_per_s": 512.0,
          "data_wait_frac": 0.1, "epoch_time_s": 2.5}
@@ -68,6 +69,56 @@ def test_worker_console_without_sink_writes_once_and_throttles_bar_events():
     other_rank.line("x")
     other_rank.epoch(1, 2, EPOCH)
     assert silent.getvalue() == ""
+
+
+# What a surviving rank forwarded when its peer's node was lost (a real job's log, paths shortened),
+# split over two batches the way Ray's log monitor may read it.
+WORKER_ERROR = ["Error in training function:", "Traceback (most recent call last):",
+                '  File "/tmp/ray/session/working_dir_files/pipeline/train/loop.py", line 130, in train_loop_per_worker',
+                "    val = _end_epoch(w, epoch, meter)",
+                "          ^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+                '  File "/tmp/ray/session/working_dir_files/pipeline/train/loop.py", line 54, in _all_reduce_',
+                "    torch.distributed.all_reduce(t)"]
+WORKER_ERROR_END = ['  File "/venv/lib/python3.11/site-packages/torch/distributed/distributed_c10d.py", line 3913, '
+                    "in all_reduce", "    work.wait()",
+                    "RuntimeError: [gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:21899.", "",
+                    "Graceful shutdown of backend failed. This is expected if one of the workers has crashed."]
+CHAINED = ["Traceback (most recent call last):", '  File "a.py", line 1, in f', "    g()",
+           "KeyError: 'x'", "", "The above exception was the direct cause of the following exception:", "",
+           "Traceback (most recent call last):", '  File "b.py", line 2, in h', "    f()",
+           "ValueError: no x", "Error in control loop iteration: the worker group startup timed out"]
+
+
+def test_folded_tracebacks_keep_the_exception_line_across_batches_and_chains():
+    folder = TracebackFolder()
+    assert folder.fold("w", WORKER_ERROR) == ["Error in training function:"]
+    assert folder.fold("other", ["  indented, not in a traceback"]) == ["  indented, not in a traceback"]
+    assert folder.fold("w", WORKER_ERROR_END) == [WORKER_ERROR_END[2], WORKER_ERROR_END[4]]
+    assert folder.fold("c", CHAINED) == ["KeyError: 'x'", "ValueError: no x", CHAINED[-1]]
+    # Frames whose header Ray printed elsewhere (merged as a repeat) are folded too.
+    assert folder.fold("d", ['  File "c.py", line 3, in k', "    k()", "OSError: gone"]) == ["OSError: gone"]
+    assert folder.folded == 3  # a chain of exceptions is one traceback
+
+
+def test_folding_wraps_rays_forwarding_handler_and_restores_it(capsys):
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+
+    printed: list[list[str]] = []
+    dispatcher.add_handler("ray_print_logs", lambda batch: printed.append(batch["lines"]))
+    try:
+        batch = {"ip": "127.0.0.4", "pid": 20431, "is_err": True, "lines": WORKER_ERROR + WORKER_ERROR_END}
+        with folded_tracebacks() as folder:
+            dispatcher.emit(batch)
+            dispatcher.emit({**batch, "lines": ["Traceback (most recent call last):", '  File "x", line 1']})
+        assert folder is not None and folder.folded == 2
+        assert printed == [["Error in training function:", WORKER_ERROR_END[2], WORKER_ERROR_END[4]]]
+        assert capsys.readouterr().err.splitlines() == [FOLD_NOTE]  # once, at the first fold
+        dispatcher.emit(batch)  # restored: unchanged again
+        assert printed[-1] == batch["lines"]
+        with folded_tracebacks(enabled=False) as folder:
+            assert folder is None
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
 
 
 @pytest.mark.slow

@@ -45,6 +45,7 @@ def test_stable_keys_and_overrides():
     (["train.precision=fp16"], "fp16 needs scaling.use_gpu"),
     (["model.name=vgg"], "allowed values: seed_cnn, cifar_cnn, fmnist_resnet, resnet18, resnet50"),
     (["run.name=a b"], "run: name 'a b'"),
+    (["scaling.group_start_timeout_s=0"], "group_start_timeout_s must be > 0 or null"),
 ])
 def test_bad_values_are_one_clear_error(override, needle):
     with pytest.raises(UserError, match=None) as exc:

@@ -116,6 +116,11 @@ class ScalingSection:
     # Elastic: train with any size from min_workers to num_workers; lr scales with the live world size.
     min_workers: int | None = None
     resize_check_s: float = 60.0  # elastic: how often a healthy group looks for room to grow
+    # How long a (re)starting worker group waits for room for all its workers before Ray Train tries
+    # again, at the size the cluster then has room for when elastic. After a node loss Ray still counts
+    # the lost node's CPUs until it marks the node dead, so the first restart may wait this long in
+    # vain. None: Ray's default (60 s, or RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S).
+    group_start_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -126,6 +131,8 @@ class ScalingSection:
             raise ValueError(f"min_workers must be in 1..num_workers ({self.num_workers}), got {self.min_workers}")
         if self.resize_check_s <= 0:
             raise ValueError("resize_check_s must be > 0")
+        if self.group_start_timeout_s is not None and self.group_start_timeout_s <= 0:
+            raise ValueError("group_start_timeout_s must be > 0 or null")
 
     @property
     def elastic(self) -> bool:

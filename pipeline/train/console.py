@@ -29,8 +29,10 @@ Ray's own output, and why it used to flood the console:
   names its logger after the file path instead of the module, so
   ``setup_ray_worker`` sets that logger's level itself.
 * MLflow's INFO lines on the workers (creating a new store's tables) follow
-  ``MLFLOW_LOGGING_LEVEL``: WARNING unless ``--verbose``; the driver creates a
-  new SQLite store quietly too. matplotlib's "generated new fontManager" (once per
+  ``MLFLOW_LOGGING_LEVEL``: WARNING unless ``--verbose``. Its "View run … at URL"
+  line, printed at every end of a run on a tracking server (each restart too), is off
+  (``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``): the driver's closing lines name the run
+  once. The driver creates a new SQLite store quietly too. matplotlib's "generated new fontManager" (once per
   fresh ``HOME``, when rank 0 draws its first plot) is an INFO line kept off as well.
 * ``core_worker.cc: Actor with class name: 'PreemptionWatcher' … has constructor
   arguments in the object store``, an error-level line from Ray's C++ core at
@@ -39,6 +41,8 @@ Ray's own output, and why it used to flood the console:
   Our loop does not read that: a preemption reaches it as SIGTERM (driver or
   worker, ``pipeline.train.preempt``). ``ray_init_options`` turns the watcher off
   (``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`` for the job), and with it the line.
+* Tracebacks that Ray's processes log when a node or worker is lost: shown by
+  their exception line unless ``--verbose`` (``pipeline.train.ray_output``).
 """
 
 from __future__ import annotations
@@ -75,6 +79,8 @@ def setup_ray_worker() -> None:
     if os.environ.get(VERBOSE_ENV) == "1":
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow's "View run … at: URL" at each end of a run on a tracking server (see the module doc).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("matplotlib.font_manager").setLevel(logging.WARNING)
     report_logger = os.path.join(os.path.dirname(ray.__file__), *_REPORT_LOGGER_FILE)
     logging.getLogger(report_logger).setLevel(logging.WARNING)

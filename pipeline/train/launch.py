@@ -9,9 +9,11 @@ working directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,28 @@ def _scaling_config(cfg: TrainConfig, scaling_config_cls):
                               elastic_resize_monitor_interval_s=s.resize_check_s)
 
 
+# Read from the driver's environment when Ray Train starts its controller, which passes it on.
+GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+@contextlib.contextmanager
+def _controller_env(cfg: TrainConfig) -> Iterator[None]:
+    """The driver's environment while ``trainer.fit()`` starts the controller: ``scaling.group_start_timeout_s``."""
+    timeout = cfg.scaling.group_start_timeout_s
+    if timeout is None:
+        yield
+        return
+    before = os.environ.get(GROUP_START_TIMEOUT_ENV)
+    os.environ[GROUP_START_TIMEOUT_ENV] = str(float(timeout))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(GROUP_START_TIMEOUT_ENV, None)
+        else:
+            os.environ[GROUP_START_TIMEOUT_ENV] = before
+
+
 def _create_sqlite_store(uri: str, verbose: bool = False) -> None:
     """Create (or migrate) a local SQLite store once, here, before any worker opens it.
 
@@ -126,6 +150,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     from pipeline.train.lineage import capture_code
     from pipeline.train.loop import train_loop_per_worker
     from pipeline.train.preempt import clear_stop, read_stop, stop_on_signals
+    from pipeline.train.ray_output import folded_tracebacks
     from pipeline.train.resume import prune_unkept
     from pipeline.train.topology import check_nodes, index_digest
     from pipeline.train.tracking import (default_artifact_location, find_job_run, job_run_id, resolve_tracking_uri,
@@ -157,7 +182,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
         clear_stop(storage_dir)  # a request left by the previous submission is not for this one
     _ensure_ray(cfg, verbose)
     check_nodes(cfg.data.shards, loop_config["index_sha256"], str(cfg.run.storage_path))
-    with DriverConsole(enabled=console) as out:
+    with DriverConsole(enabled=console) as out, folded_tracebacks(enabled=not verbose):
         loop_config["console"] = out.sink  # rank 0 sends its lines here; None: silent
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -173,7 +198,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
                 callbacks=list(callbacks),
             ),
         )
-        with stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled=local_storage):
+        with stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled=local_storage), _controller_env(cfg):
             try:
                 result = trainer.fit()
             except Exception as exc:

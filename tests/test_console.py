@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.train.console import DriverConsole, WorkerConsole, format_event
-from pipeline.train.ray_output import FOLD_NOTE, TracebackFolder, folded_tracebacks
+from pipeline.train.ray_output import FOLD_NOTE, REPEAT_NOTE, RepeatLimiter, TracebackFolder, quiet_ray_output
+from _proc import descendants
 
 EPOCH = {"train_loss": 1.5, "val_loss": 1.2, "val_top1": 0.61, "val_top5": 0.97, "train_images_per_s": 512.0,
          "data_wait_frac": 0.1, "epoch_time_s": 2.5}
@@ -100,33 +103,64 @@ def test_folded_tracebacks_keep_the_exception_line_across_batches_and_chains():
     assert folder.folded == 3  # a chain of exceptions is one traceback
 
 
-def test_folding_wraps_rays_forwarding_handler_and_restores_it(capsys):
+CLEANER = ("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "
+           "Continuing to monitor.")  # once a second from Ray Train's PlacementGroupCleaner once the dashboard is gone
+
+
+def test_a_line_a_process_repeats_is_shown_once_per_window_with_the_count():
+    now = [0.0]
+    limiter = RepeatLimiter(window_s=600, clock=lambda: now[0])
+    shown = []
+    for second in range(1500):  # 25 minutes of the cleaner's warning, and one other line in between
+        now[0] = float(second)
+        shown += [line for line in (limiter.admit("cleaner", CLEANER),) if line is not None]
+        if second == 700:
+            shown.append(limiter.admit("cleaner", "Detected that the controller actor (7f3a) is dead."))
+        if second == 710:  # the same text but for numbers and ids is a repeat
+            assert limiter.admit("cleaner", "Detected that the controller actor (9b1c) is dead.") is None
+    assert shown == [CLEANER, f"{CLEANER} [599 more like it in the 10 min before]",
+                     "Detected that the controller actor (7f3a) is dead.",
+                     f"{CLEANER} [599 more like it in the 10 min before]"]
+    assert limiter.held == 1500 - 3 + 1
+    # Another process's line is not a repeat; blank lines pass.
+    assert limiter.admit("raylet", CLEANER) == CLEANER
+    assert limiter.admit("cleaner", "") == ""
+
+
+def test_filters_wrap_rays_forwarding_handler_once(capsys):
     from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
 
+    assert quiet_ray_output() is None  # Ray forwards nothing to this process: nothing to wrap
     printed: list[list[str]] = []
     dispatcher.add_handler("ray_print_logs", lambda batch: printed.append(batch["lines"]))
     try:
         batch = {"ip": "127.0.0.4", "pid": 20431, "is_err": True, "lines": WORKER_ERROR + WORKER_ERROR_END}
-        with folded_tracebacks() as folder:
-            dispatcher.emit(batch)
-            dispatcher.emit({**batch, "lines": ["Traceback (most recent call last):", '  File "x", line 1']})
-        assert folder is not None and folder.folded == 2
-        assert printed == [["Error in training function:", WORKER_ERROR_END[2], WORKER_ERROR_END[4]]]
-        assert capsys.readouterr().err.splitlines() == [FOLD_NOTE]  # once, at the first fold
-        dispatcher.emit(batch)  # restored: unchanged again
-        assert printed[-1] == batch["lines"]
-        with folded_tracebacks(enabled=False) as folder:
-            assert folder is None
+        cleaner = {"ip": "127.0.0.1", "pid": 3051, "is_err": True, "actor_name": "PlacementGroupCleaner",
+                   "lines": [CLEANER]}
+        filters = quiet_ray_output()
+        assert filters is not None and quiet_ray_output() is filters  # a second job in this process: as it is
+        dispatcher.emit(batch)
+        dispatcher.emit({**batch, "lines": ["Traceback (most recent call last):", '  File "x", line 1']})
+        for _ in range(5):
+            dispatcher.emit(cleaner)
+        # The autoscaler's status report repeats too; Ray keeps only its event lines, so it passes as it is.
+        status = {"ip": "127.0.0.1", "pid": "autoscaler", "is_err": False, "lines": ["Node status", "-" * 20]}
+        dispatcher.emit(status)
+        dispatcher.emit(status)
+        assert filters[0].folded == 2 and filters[1].held == 4
+        assert printed == [["Error in training function:", WORKER_ERROR_END[2], WORKER_ERROR_END[4]], [CLEANER],
+                           status["lines"], status["lines"]]
+        assert capsys.readouterr().err.splitlines() == [FOLD_NOTE, REPEAT_NOTE]  # each once, when it first acts
     finally:
-        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.remove_handler("ray_print_logs")  # what ray.shutdown does
 
 
-@pytest.mark.slow
-def test_train_console_has_each_line_once_and_no_ray_noise(tmp_path, fmnist_dir):
+def _local_train(tmp_path: Path, fmnist_dir: Path, *sets: str) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a ``pipeline train`` on 512 Fashion-MNIST images, on a newcomer's machine:
+    an empty HOME (no Ray token, no matplotlib font cache), a new SQLite store, a Ray of its own."""
     shards = tmp_path / "fm"
     assert main(["shard", str(fmnist_dir), str(shards), "--limit", "512", "--samples-per-shard", "256",
                  "--no-progress"]) == 0
-    # A newcomer's machine: an empty HOME (no Ray token, no matplotlib font cache) and a new SQLite store.
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "TMPDIR": tempfile.mkdtemp(prefix="pl-", dir="/tmp"), "PYTHONUNBUFFERED": "1",  # short: Ray's socket paths
@@ -134,9 +168,17 @@ def test_train_console_has_each_line_once_and_no_ray_noise(tmp_path, fmnist_dir)
     env.pop("RAY_ADDRESS", None)
     env.pop("MPLCONFIGDIR", None)
     cmd = [str(Path(sys.executable).with_name("pipeline")), "train", "--config", "fashion_mnist",
-           "--set", f"data.shards={shards}", "--set", "train.epochs=2", "--set", "train.log_every_steps=2",
-           "--set", "run.name=console", "--set", f"run.storage_path={tmp_path / 'ray_results'}",
+           "--set", f"data.shards={shards}", "--set", "run.name=console",
+           "--set", f"run.storage_path={tmp_path / 'ray_results'}",
            "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}"]
+    for item in sets:
+        cmd += ["--set", item]
+    return cmd, env
+
+
+@pytest.mark.slow
+def test_train_console_has_each_line_once_and_no_ray_noise(tmp_path, fmnist_dir):
+    cmd, env = _local_train(tmp_path, fmnist_dir, "train.epochs=2", "train.log_every_steps=2")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, console
@@ -156,3 +198,37 @@ def test_train_console_has_each_line_once_and_no_ray_noise(tmp_path, fmnist_dir)
     assert [line.split(":")[0] for line in epoch_lines] == ["[pipeline] epoch 1/2", "[pipeline] epoch 2/2"]
     assert any(line.startswith("[pipeline] epoch 1/2 step 2/") for line in lines), console  # plain lines: no TTY
     assert "test accuracy (val split)" in console
+
+
+@pytest.mark.slow
+def test_training_goes_on_when_the_dashboard_dies_and_the_cleaners_warning_shows_once(tmp_path, fmnist_dir):
+    # Without the dashboard's State API, Ray Train's PlacementGroupCleaner warns every second until the job ends.
+    cmd, env = _local_train(tmp_path, fmnist_dir, "train.epochs=4", "train.batch_size=32")
+    log = tmp_path / "console.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 600
+            while "console: starting;" not in log.read_text():  # the cleaner is watching by now
+                assert proc.poll() is None and time.time() < deadline, log.read_text()
+                time.sleep(0.2)
+            dashboards = [pid for pid in descendants(proc.pid) if b"dashboard/dashboard.py" in _cmdline(pid)]
+            assert len(dashboards) == 1, dashboards  # this job's own Ray, started by the driver
+            os.kill(dashboards[0], signal.SIGKILL)
+            killed_at = time.time()
+            assert proc.wait(timeout=600) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    console = log.read_text()
+    assert time.time() - killed_at > 5, "the job ended too soon after the kill to show a repeat"
+    assert console.count("Failed to query Ray Train Controller actor state") == 1, console
+    assert console.count(REPEAT_NOTE) == 1, console
+    assert "[pipeline] epoch 4/4: train_loss" in console and "test accuracy (val split)" in console
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

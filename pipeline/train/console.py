@@ -41,8 +41,10 @@ Ray's own output, and why it used to flood the console:
   Our loop does not read that: a preemption reaches it as SIGTERM (driver or
   worker, ``pipeline.train.preempt``). ``ray_init_options`` turns the watcher off
   (``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`` for the job), and with it the line.
-* Tracebacks that Ray's processes log when a node or worker is lost: shown by
-  their exception line unless ``--verbose`` (``pipeline.train.ray_output``).
+* Tracebacks that Ray's processes log when a node or worker is lost, and a line
+  one Ray process repeats (the placement-group cleaner's, every second once the
+  dashboard is gone): shown by the exception line, and once per 10 minutes with a
+  count, unless ``--verbose`` (``pipeline.train.ray_output``).
 """
 
 from __future__ import annotations

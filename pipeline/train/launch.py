@@ -150,7 +150,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     from pipeline.train.lineage import capture_code
     from pipeline.train.loop import train_loop_per_worker
     from pipeline.train.preempt import clear_stop, read_stop, stop_on_signals
-    from pipeline.train.ray_output import folded_tracebacks
+    from pipeline.train.ray_output import quiet_ray_output
     from pipeline.train.resume import prune_unkept
     from pipeline.train.topology import check_nodes, index_digest
     from pipeline.train.tracking import (default_artifact_location, find_job_run, job_run_id, resolve_tracking_uri,
@@ -181,8 +181,10 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     if local_storage:
         clear_stop(storage_dir)  # a request left by the previous submission is not for this one
     _ensure_ray(cfg, verbose)
+    if not verbose:
+        quiet_ray_output()
     check_nodes(cfg.data.shards, loop_config["index_sha256"], str(cfg.run.storage_path))
-    with DriverConsole(enabled=console) as out, folded_tracebacks(enabled=not verbose):
+    with DriverConsole(enabled=console) as out:
         loop_config["console"] = out.sink  # rank 0 sends its lines here; None: silent
         trainer = TorchTrainer(
             train_loop_per_worker,

@@ -1,23 +1,30 @@
-"""Ray's forwarded output on the driver's console during a fault: each traceback as its last line.
+"""Ray's forwarded output on the driver's console: tracebacks by their last line, repeats held back.
 
-When a node is lost or a worker killed, every Ray process that notices logs a Python
-traceback: the surviving ranks' collective that lost its peer, Ray Train's controller
-failing to shut the old group down or to place the new one. Ray forwards them all to
-the driver, so one node loss printed some 75 lines, nearly all of them stack frames
-inside Ray and torch, around the one line of ours that says what happens next
-("resuming after epoch N; 1 worker(s) …"). A run of days meets several such faults.
+Two kinds of Ray output buried the lines of ours on a long job's console:
 
-Unless ``--verbose``, the driver prints each forwarded traceback as its exception line,
-under the line that introduced it, and says once that it does so. The whole tracebacks
-stay in every node's Ray session logs, and ``--verbose`` prints them here too.
+* Tracebacks at a fault. When a node is lost or a worker killed, every Ray process that
+  notices logs one: the surviving ranks' collective that lost its peer, Ray Train's
+  controller failing to shut the old group down or to place the new one. One node loss
+  printed some 75 lines, nearly all of them stack frames inside Ray and torch, around the
+  one line of ours that says what happens next ("resuming after epoch N; 1 worker(s) …").
+  Each traceback is now shown as its exception line, under the line that introduced it.
+* A line a Ray process logs again and again. When the dashboard process dies (it serves
+  the State API), Ray Train's ``PlacementGroupCleaner`` warns "Failed to query Ray Train
+  Controller actor state" every second for the rest of the job, tens of thousands of lines
+  a day while training goes on. Ray folds repeats across processes within seconds, not
+  those of one process over hours. A line that one process repeats (the same text but for
+  numbers and ids) is now shown once per ``REPEAT_WINDOW_S``, with the count of the rest.
+
+Each of the two says so once on the console when it first acts. Unless ``--verbose``; the
+session logs on every node keep everything, and ``--verbose`` prints it here too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.train.console import PREFIX
@@ -29,6 +36,10 @@ _FRAME = re.compile(r'\s+File ".*", line \d+')
 _RAY_HANDLER = "ray_print_logs"  # the name ray.init gives its handler of forwarded output
 FOLD_NOTE = (f"{PREFIX} Ray's tracebacks are shown by their last line; --verbose shows them whole "
              "(each node's Ray session logs keep them)")
+REPEAT_WINDOW_S = 600.0
+REPEAT_NOTE = (f"{PREFIX} a line a Ray process repeats is shown once per {REPEAT_WINDOW_S / 60:.0f} min, "
+               "with the count of the rest; --verbose shows every one")
+_NUMBERED = re.compile(r"\d|0x[0-9a-fA-F]")  # words that differ between repeats: counts, ids, times
 
 
 class TracebackFolder:
@@ -65,43 +76,80 @@ class TracebackFolder:
         return out
 
 
-@contextlib.contextmanager
-def folded_tracebacks(enabled: bool = True) -> Iterator[TracebackFolder | None]:
-    """While open, Ray's forwarded output reaches the console with its tracebacks folded.
+class RepeatLimiter:
+    """Shows a ``source``'s line once per ``window_s``; the repeats in between are counted, not shown.
 
-    Wraps the handler ``ray.init(log_to_driver=True)`` installs; a no-op (yields None) when
-    ``enabled`` is false or Ray forwards nothing to this process.
+    A repeat is the same text but for words with digits in them. The next line shown after a
+    window carries the count of those held back before it.
+    """
+
+    def __init__(self, window_s: float = REPEAT_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._shown: dict[tuple, list] = {}  # (source, text) -> [when last shown, repeats held since]
+        self.held = 0  # repeats held back so far
+
+    def admit(self, source: Any, line: str) -> str | None:
+        """The line to show (None: a repeat, held back)."""
+        if not line.strip():
+            return line
+        now = self._clock()
+        key = (source, " ".join(w for w in line.split() if not _NUMBERED.search(w)))
+        entry = self._shown.get(key)
+        if entry is not None and now - entry[0] < self.window_s:
+            entry[1] += 1
+            self.held += 1
+            return None
+        if len(self._shown) > 10_000:  # a job of weeks: forget what has not come back for a window
+            self._shown = {k: v for k, v in self._shown.items() if now - v[0] < self.window_s}
+        self._shown[key] = [now, 0]
+        if entry is None or not entry[1]:
+            return line
+        return f"{line} [{entry[1]} more like it in the {(now - entry[0]) / 60:.0f} min before]"
+
+
+def quiet_ray_output() -> tuple[TracebackFolder, RepeatLimiter] | None:
+    """From now on in this process, Ray's forwarded output reaches the console with tracebacks folded and
+    repeats held back; returns the two filters (the same ones on a second call).
+
+    Wraps the handler ``ray.init(log_to_driver=True)`` installs, for as long as Ray runs here: lines
+    keep coming after a job ends, until Ray shuts down, which removes the handler. None when Ray
+    forwards nothing to this process.
     """
     try:
         from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:  # another Ray layout: its output goes through unchanged
-        dispatcher = None
-    original = None
-    if enabled and dispatcher is not None:
-        original = next((h for name, h in list(dispatcher.handlers) if name == _RAY_HANDLER), None)
-    if original is None:
-        yield None
-        return
-    folder = TracebackFolder()
+        return None
+    handler = next((h for name, h in list(dispatcher.handlers) if name == _RAY_HANDLER), None)
+    if handler is None:
+        return None
+    if getattr(handler, "filters", None):
+        return handler.filters
+    filters = TracebackFolder(), RepeatLimiter()
+    wrapped = _filtered(*filters, handler)
+    wrapped.filters = filters
     dispatcher.remove_handler(_RAY_HANDLER)
-    dispatcher.add_handler(_RAY_HANDLER, _folding(folder, original))
-    try:
-        yield folder
-    finally:
-        dispatcher.remove_handler(_RAY_HANDLER)
-        dispatcher.add_handler(_RAY_HANDLER, original)
+    dispatcher.add_handler(_RAY_HANDLER, wrapped)
+    return filters
 
 
-def _folding(folder: TracebackFolder, print_batch: Callable[[dict], None]) -> Callable[[dict], None]:
+def _filtered(folder: TracebackFolder, limiter: RepeatLimiter,
+              print_batch: Callable[[dict], None]) -> Callable[[dict], None]:
     def handle(batch: dict) -> None:
-        before = folder.folded
-        lines = folder.fold((batch.get("ip"), batch.get("pid"), batch.get("is_err")), batch.get("lines") or [])
+        if batch.get("pid") == "autoscaler":  # its status report, of which Ray shows only event lines itself
+            print_batch(batch)
+            return
+        folded, held = folder.folded, limiter.held
+        source = (batch.get("ip"), batch.get("pid"), batch.get("is_err"))
+        lines = [shown for line in folder.fold(source, batch.get("lines") or [])
+                 if (shown := limiter.admit(source, line)) is not None]
         if lines:
             print_batch({**batch, "lines": lines})
-        if folder.folded and not before:
-            print(FOLD_NOTE, file=sys.stderr, flush=True)
+        for now, before, note in ((folder.folded, folded, FOLD_NOTE), (limiter.held, held, REPEAT_NOTE)):
+            if now and not before:
+                print(note, file=sys.stderr, flush=True)
 
     return handle
 
 
-__all__ = ["FOLD_NOTE", "TracebackFolder", "folded_tracebacks"]
+__all__ = ["FOLD_NOTE", "REPEAT_NOTE", "RepeatLimiter", "TracebackFolder", "quiet_ray_output"]

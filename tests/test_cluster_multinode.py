@@ -267,9 +267,10 @@ def _restarts(run) -> list[int]:
 
 def test_elastic_job_shrinks_on_node_loss_and_grows_back(cluster, shards, tmp_path):
     # Enough epochs that the group grows back before the end, even on a loaded machine where the
-    # node takes a minute to rejoin (each epoch here takes about a second). Until Ray marks the lost
-    # node dead it counts its CPU, so the first restart may ask for 2 workers and wait in vain.
-    epochs = 60
+    # node takes a minute to rejoin (an epoch here takes 1-3 s; two runs regrew at epochs 11 and 15).
+    # Until Ray marks the lost node dead it counts its CPU, so the first restart may ask for 2
+    # workers and wait in vain: 15 s, not Ray's 60.
+    epochs = 45
     _lose_node_mid_run(cluster, tmp_path, "elastic", epochs, f"data.shards={shards}", "scaling.min_workers=1",
                        "scaling.resize_check_s=3", "scaling.group_start_timeout_s=15", shrink=True)
     out = (tmp_path / "elastic.log").read_text()

@@ -32,7 +32,9 @@ Ray's own output, and why it used to flood the console:
   ``MLFLOW_LOGGING_LEVEL``: WARNING unless ``--verbose``. Its "View run … at URL"
   line, printed at every end of a run on a tracking server (each restart too), is off
   (``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``): the driver's closing lines name the run
-  once. The driver creates a new SQLite store quietly too. matplotlib's "generated new fontManager" (once per
+  once. urllib3's "Retrying … after connection broken" at every try while a tracking
+  server is away is off as well: the tracker's own two lines say when it went and came
+  back (``pipeline.train.tracking_queue``). The driver creates a new SQLite store quietly too. matplotlib's "generated new fontManager" (once per
   fresh ``HOME``, when rank 0 draws its first plot) is an INFO line kept off as well.
 * ``core_worker.cc: Actor with class name: 'PreemptionWatcher' … has constructor
   arguments in the object store``, an error-level line from Ray's C++ core at
@@ -84,6 +86,9 @@ def setup_ray_worker() -> None:
     # MLflow's "View run … at: URL" at each end of a run on a tracking server (see the module doc).
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("matplotlib.font_manager").setLevel(logging.WARNING)
+    # "Retrying (Retry(total=…)) after connection broken by …" at each try of the MLflow client while
+    # its server is away: the tracker says once that the server went away and once that it is back.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     report_logger = os.path.join(os.path.dirname(ray.__file__), *_REPORT_LOGGER_FILE)
     logging.getLogger(report_logger).setLevel(logging.WARNING)
 

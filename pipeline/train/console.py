@@ -34,8 +34,9 @@ Ray's own output, and why it used to flood the console:
   (``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``): the driver's closing lines name the run
   once. urllib3's "Retrying … after connection broken" at every try while a tracking
   server is away is off as well: the tracker's own two lines say when it went and came
-  back (``pipeline.train.tracking_queue``). The driver creates a new SQLite store quietly too. matplotlib's "generated new fontManager" (once per
-  fresh ``HOME``, when rank 0 draws its first plot) is an INFO line kept off as well.
+  back (``pipeline.train.tracking_queue``). The driver creates a new SQLite store
+  quietly too. matplotlib's "generated new fontManager" (once per fresh ``HOME``, when
+  rank 0 draws its first plot) is an INFO line kept off as well.
 * ``core_worker.cc: Actor with class name: 'PreemptionWatcher' … has constructor
   arguments in the object store``, an error-level line from Ray's C++ core at
   every worker-group start: Ray Train 2.60 starts a watcher actor that polls the

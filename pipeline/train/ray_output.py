@@ -5,13 +5,14 @@ Two kinds of Ray output buried the lines of ours on a long job's console:
 * Tracebacks at a fault. When a node is lost or a worker killed, every Ray process that
   notices logs one: the surviving ranks' collective that lost its peer, Ray Train's
   controller failing to shut the old group down or to place the new one. One node loss
-  printed some 75 lines, nearly all of them stack frames inside Ray and torch, around the
-  one line of ours that says what happens next ("resuming after epoch N; 1 worker(s) …").
-  Each traceback is now shown as its exception line, under the line that introduced it.
+  (tests/test_cluster_multinode.py) printed 80 lines from Ray's processes, nearly all of
+  them stack frames inside Ray and torch, around the one line of ours that says what
+  happens next ("resuming after epoch N; 1 worker(s) …"). Each traceback is now shown as
+  its exception line, under the line that introduced it: 8 lines.
 * A line a Ray process logs again and again. When the dashboard process dies (it serves
   the State API), Ray Train's ``PlacementGroupCleaner`` warns "Failed to query Ray Train
-  Controller actor state" every second for the rest of the job, tens of thousands of lines
-  a day while training goes on. Ray folds repeats across processes within seconds, not
+  Controller actor state" every second or two for the rest of the job (52 lines in a run of
+  about a minute; tens of thousands a day) while training goes on. Ray folds repeats across processes within seconds, not
   those of one process over hours. A line that one process repeats (the same text but for
   numbers and ids) is now shown once per ``REPEAT_WINDOW_S``, with the count of the rest.
 

@@ -177,6 +177,25 @@ def test_finished_job_started_with_more_epochs_continues(extended_run, killed_ru
     assert len(left) == 2 and ORPHAN not in left and Path(extended_run.checkpoint_path).name in left
 
 
+def test_an_mlflow_init_from_is_checked_before_ray_and_loads_the_runs_model(extended_run, work):
+    run_id = extended_run.mlflow_run_id
+    source = f"runs:/{run_id}/seed_cnn"  # pipeline train logs its model under model.name
+    for init, extra, shards, message in [
+        (f"runs:/{run_id}/model", (), None, "no such model in .*runs:/<run id>/seed_cnn"),
+        (source, ("model.name=resnet18",), None, "holds a seed_cnn model, the config trains resnet18"),
+        (source, (), work["three"], "1×28² inputs.*3×224²"),
+    ]:
+        with pytest.raises(UserError, match=message):  # one error line from the driver, before any worker starts
+            fit(_cfg(work, "mlflow-bad", f"train.init_from={init}", *extra, shards=shards))
+    from pipeline.train.loop import _init_weights
+    from pipeline.train.models import build_model
+
+    model = build_model("seed_cnn", 10, 1, 28)
+    assert _init_weights(model, source, work["uri"]) == []  # same class count: the head is loaded too
+    final = load_state(extended_run.checkpoint_path)["model"]
+    assert all(torch.equal(value, final[key]) for key, value in model.state_dict().items())
+
+
 def test_finetune_bf16_new_class_count_frozen_backbone(extended_run, work):
     source = extended_run.checkpoint_path
     with pytest.raises(UserError, match="1×28² inputs.*3×224²"):  # caught before any worker starts

@@ -17,8 +17,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                    help="same as --set train.precision=…")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT_OR_MLFLOW_MODEL",
-                   help="start from these weights (checkpoint dir/file, runs:/…, models:/…); the head is "
-                        "replaced when the class count differs")
+                   help="start from these weights: a checkpoint dir/file, or an MLflow model: runs:/<run id>/<model "
+                        "name> (e.g. runs:/<id>/seed_cnn), models:/<model id>, models:/<name>/<version>; the head "
+                        "is replaced when the class count differs")
     p.add_argument("--freeze-backbone-epochs", type=int, default=None, metavar="N",
                    help="with --init-from: train only the head for the first N epochs")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
@@ -40,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e = subparsers.add_parser("evaluate", help="top-1/top-5 and per-class accuracy of a model on a shard split",
                               description="Evaluate a checkpoint or MLflow model on a shard split, in this process.")
     e.add_argument("--model", required=True, metavar="CHECKPOINT_OR_MLFLOW_MODEL",
-                   help="checkpoint directory/file from pipeline train, or runs:/<run id>/model, models:/<name>/<v>")
+                   help="checkpoint directory/file from pipeline train, or an MLflow model: runs:/<run id>/<model name> "
+                        "(e.g. runs:/<id>/seed_cnn), models:/<model id>, models:/<name>/<version>")
     e.add_argument("--shards", required=True, metavar="DIR", help="shard directory (with index.json)")
     e.add_argument("--split", default="val", help="train | val (default: val)")
     e.add_argument("--batch-size", type=int, default=256)

@@ -77,6 +77,10 @@ class OptimConfig:
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
 
 
+# How an MLflow model is named where a checkpoint path is also accepted (train.init_from, evaluate --model).
+MLFLOW_MODEL_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     epochs: int = 10
@@ -85,7 +89,7 @@ class TrainSection:
     seed: int = 0
     log_every_steps: int = 50  # step metrics and console lines; the only host syncs in the hot loop
     max_steps_per_epoch: int | None = None  # cap for smoke runs and benchmarks; None = whole epoch
-    init_from: str | None = None  # checkpoint dir/file or MLflow model URI (runs:/…, models:/…)
+    init_from: str | None = None  # checkpoint dir/file or MLflow model (runs:/<run id>/<model name>, models:/…)
     freeze_backbone_epochs: int = 0  # with init_from: train only the new head for this many epochs
     augment: Literal["none", "flip", "flip_shift"] = "none"  # cheap batch-level augmentation on the device
 

@@ -32,7 +32,8 @@ Ray's own output, and why it used to flood the console:
   ``MLFLOW_LOGGING_LEVEL``: WARNING unless ``--verbose``. Its "View run … at URL"
   line, printed at every end of a run on a tracking server (each restart too), is off
   (``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``): the driver's closing lines name the run
-  once. urllib3's "Retrying … after connection broken" at every try while a tracking
+  once. So is its artifact download bar, drawn by every rank that loads an MLflow
+  ``--init-from`` model. urllib3's "Retrying … after connection broken" at every try while a tracking
   server is away is off as well: the tracker's own two lines say when it went and came
   back (``pipeline.train.tracking_queue``). The driver creates a new SQLite store
   quietly too. matplotlib's "generated new fontManager" (once per fresh ``HOME``, when
@@ -86,6 +87,8 @@ def setup_ray_worker() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # MLflow's "View run … at: URL" at each end of a run on a tracking server (see the module doc).
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # "Downloading artifacts: 100%|…" from each rank that loads --init-from runs:/… or models:/….
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("matplotlib.font_manager").setLevel(logging.WARNING)
     # "Retrying (Retry(total=…)) after connection broken by …" at each try of the MLflow client while
     # its server is away: the tracker says once that the server went away and once that it is back.

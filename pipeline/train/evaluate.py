@@ -1,8 +1,8 @@
 """``pipeline evaluate``: top-1, top-5 and per-class accuracy of a trained model on a shard split.
 
 Runs in this process (no Ray): a checkpoint directory or file written by
-``pipeline train``, or an MLflow model URI (``runs:/<id>/model``,
-``models:/<name>/<version>``) whose shape comes from the shard set.
+``pipeline train``, or an MLflow model URI (``runs:/<run id>/<model name>``,
+``models:/<model id>``, ``models:/<name>/<version>``) whose shape comes from the shard set.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.train.config import MLFLOW_MODEL_SCHEMES
 
 
 @dataclasses.dataclass
@@ -52,7 +53,7 @@ def load_for_eval(model_ref: str, num_classes: int, in_channels: int, image_size
     """A model from a checkpoint path or an MLflow model URI, on the CPU."""
     from pipeline.train.checkpoint import load_model, unwrap
 
-    if model_ref.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+    if model_ref.startswith(MLFLOW_MODEL_SCHEMES):
         import mlflow.pytorch
 
         from pipeline.train.tracking import resolve_tracking_uri
@@ -77,7 +78,7 @@ def _trained_preset(model_ref: str) -> str | None:
     """The preset recorded in a checkpoint's meta, or None (MLflow URIs, checkpoints from before it was recorded)."""
     from pipeline.train.checkpoint import load_meta
 
-    if model_ref.startswith(("runs:/", "models:/", "mlflow-artifacts:/")) or not Path(model_ref).exists():
+    if model_ref.startswith(MLFLOW_MODEL_SCHEMES) or not Path(model_ref).exists():
         return None
     return load_meta(model_ref).get("preset")
 

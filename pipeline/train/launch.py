@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.fileio import is_uri
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import MLFLOW_MODEL_SCHEMES, TrainConfig
 
 
 @dataclasses.dataclass
@@ -68,9 +68,9 @@ def _ensure_ray(cfg: TrainConfig, verbose: bool = False) -> None:
 
 
 def _check_init_from(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
-    """A local ``--init-from`` checkpoint must fit the model and inputs; MLflow URIs are checked by the workers."""
+    """A local ``--init-from`` checkpoint must fit the model and inputs (MLflow URIs: ``_check_mlflow_init_from``)."""
     src = cfg.train.init_from
-    if not src or src.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+    if not src or src.startswith(MLFLOW_MODEL_SCHEMES):
         return
     from pipeline.data.presets import get_preset
     from pipeline.train.checkpoint import load_meta
@@ -83,6 +83,64 @@ def _check_init_from(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
     if meta and (meta.get("in_channels"), meta.get("image_size")) != (channels, size):
         raise UserError(f"--init-from {src} was trained on {meta.get('in_channels')}×{meta.get('image_size')}² inputs, "
                         f"the shards' preset gives {channels}×{size}²: set data.preset to match")
+
+
+def _check_mlflow_init_from(cfg: TrainConfig, manifest: dict[str, Any], tracking_uri: str | None) -> None:
+    """An MLflow ``--init-from`` must name a PyTorch model in the store the workers load it from, for the
+    config's model and the shards' inputs: a typo in a run id is one error line here, not a traceback
+    from every worker after Ray has started.
+
+    Reads the model's MLmodel file (its signature holds the input shape) and, where the URI leads to
+    it, the logged model's name (``pipeline train`` logs its model under ``model.name``); never the weights.
+    """
+    src = cfg.train.init_from
+    if not src or not src.startswith(MLFLOW_MODEL_SCHEMES):
+        return
+    import mlflow
+
+    from pipeline.data.presets import get_preset
+    from pipeline.train.models import MODEL_NAMES
+    from pipeline.train.tracking import resolve_tracking_uri
+
+    uri = tracking_uri or resolve_tracking_uri(None)  # the store the workers read it from
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise UserError(f"--init-from {src}: no MLflow store at {uri}; set tracking.tracking_uri or MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        with _environ({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):  # a bar for one small file
+            info = mlflow.models.get_model_info(src)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI; all mean "no such model"
+        hint = (f"; pipeline train logs its model under the model's name: runs:/<run id>/{cfg.model.name}"
+                if src.startswith("runs:/") else "")
+        raise UserError(f"--init-from {src}: no such model in {uri} ({str(exc).splitlines()[0]}){hint}") from None
+    if "pytorch" not in info.flavors:
+        raise UserError(f"--init-from {src} is not a PyTorch model (flavors: {', '.join(sorted(info.flavors))})")
+    trained = _logged_model_name(mlflow.MlflowClient(uri), src)
+    if trained in MODEL_NAMES and trained != cfg.model.name:
+        raise UserError(f"--init-from {src} holds a {trained} model, the config trains {cfg.model.name}: "
+                        f"set model.name={trained}")
+    inputs = info.signature.inputs.inputs if info.signature and info.signature.inputs else []
+    shape = tuple(getattr(inputs[0], "shape", ())) if len(inputs) == 1 else ()
+    channels, size, _ = get_preset(cfg.data.preset or manifest["preset"]).output_shape()
+    if len(shape) == 4 and (shape[1], shape[2]) != (channels, size):
+        raise UserError(f"--init-from {src} was trained on {shape[1]}×{shape[2]}² inputs, "
+                        f"the shards' preset gives {channels}×{size}²: set data.preset to match")
+
+
+def _logged_model_name(client, src: str) -> str | None:
+    """The name of the logged model ``src`` leads to (runs:/ID/NAME, models:/MODEL_ID, models:/NAME/VERSION)."""
+    parts = src.split(":/", 1)[1].strip("/").split("/")
+    try:
+        if src.startswith("runs:/") and len(parts) == 2:
+            return parts[1]
+        if src.startswith("models:/") and len(parts) == 1 and parts[0].startswith("m-"):
+            return client.get_logged_model(parts[0]).name
+        if src.startswith("models:/") and len(parts) == 2:
+            version = client.get_model_version(*parts)
+            return client.get_logged_model(version.model_id).name if version.model_id else None
+    except Exception:  # noqa: BLE001 - nothing to compare; the workers check the weights' shapes
+        return None
+    return None
 
 
 def _scaling_config(cfg: TrainConfig, scaling_config_cls):
@@ -99,21 +157,24 @@ GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 @contextlib.contextmanager
-def _controller_env(cfg: TrainConfig) -> Iterator[None]:
-    """The driver's environment while ``trainer.fit()`` starts the controller: ``scaling.group_start_timeout_s``."""
-    timeout = cfg.scaling.group_start_timeout_s
-    if timeout is None:
-        yield
-        return
-    before = os.environ.get(GROUP_START_TIMEOUT_ENV)
-    os.environ[GROUP_START_TIMEOUT_ENV] = str(float(timeout))
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment while the block runs; what was there before afterwards."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(GROUP_START_TIMEOUT_ENV, None)
-        else:
-            os.environ[GROUP_START_TIMEOUT_ENV] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _controller_env(cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    """The driver's environment while ``trainer.fit()`` starts the controller: ``scaling.group_start_timeout_s``."""
+    timeout = cfg.scaling.group_start_timeout_s
+    return _environ({} if timeout is None else {GROUP_START_TIMEOUT_ENV: str(float(timeout))})
 
 
 def _create_sqlite_store(uri: str, verbose: bool = False) -> None:
@@ -167,6 +228,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
                          if tracking_uri else None)
     if tracking_uri and tracking_uri.startswith("sqlite:///"):
         _create_sqlite_store(tracking_uri, verbose)
+    _check_mlflow_init_from(cfg, manifest, tracking_uri)
     storage_dir = f"{str(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
     local_storage = not is_uri(storage_dir)  # stop requests and the tracking spool are files there
     loop_config = {

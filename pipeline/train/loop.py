@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline.metrics import ThroughputMeter
 from pipeline.train.checkpoint import clear_stale_staging, load_state, staging_dir, unwrap
-from pipeline.train.config import TrainConfig, config_from_dict
+from pipeline.train.config import MLFLOW_MODEL_SCHEMES, TrainConfig, config_from_dict
 from pipeline.train.console import WorkerConsole
 from pipeline.train.coverage import log_coverage
 from pipeline.train.models import build_model, head_name, load_backbone
@@ -37,7 +37,7 @@ from pipeline.train.step import (TrainStep, WarmupCosine, augment, build_optimiz
 
 def _init_weights(model: nn.Module, source: str, tracking_uri: str | None) -> list[str]:
     """Backbone weights from a checkpoint directory/file or an MLflow model URI; returns the head keys replaced."""
-    if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+    if source.startswith(MLFLOW_MODEL_SCHEMES):
         import mlflow.pytorch
 
         from pipeline.train.tracking import resolve_tracking_uri

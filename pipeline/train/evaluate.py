@@ -62,7 +62,9 @@ def load_for_eval(model_ref: str, num_classes: int, in_channels: int, image_size
         try:
             return unwrap(mlflow.pytorch.load_model(model_ref, map_location="cpu"))
         except Exception as exc:  # MLflow raises many types for a bad URI; all mean "cannot load it"
-            raise UserError(f"cannot load MLflow model {model_ref}: {str(exc).splitlines()[0]}") from None
+            hint = ("; pipeline train logs its model under the model's name: runs:/<run id>/<model.name>"
+                    if model_ref.startswith("runs:/") else "")
+            raise UserError(f"cannot load MLflow model {model_ref}: {str(exc).splitlines()[0]}{hint}") from None
     if not Path(model_ref).exists():
         raise UserError(f"--model {model_ref}: no such checkpoint (a directory with state.pt, the file, or runs:/…)")
     model, meta = load_model(model_ref)

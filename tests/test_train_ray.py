@@ -177,7 +177,7 @@ def test_finished_job_started_with_more_epochs_continues(extended_run, killed_ru
     assert len(left) == 2 and ORPHAN not in left and Path(extended_run.checkpoint_path).name in left
 
 
-def test_an_mlflow_init_from_is_checked_before_ray_and_loads_the_runs_model(extended_run, work):
+def test_an_mlflow_init_from_is_checked_before_ray_and_loads_the_runs_model(extended_run, work, capsys, monkeypatch):
     run_id = extended_run.mlflow_run_id
     source = f"runs:/{run_id}/seed_cnn"  # pipeline train logs its model under model.name
     for init, extra, shards, message in [
@@ -194,6 +194,17 @@ def test_an_mlflow_init_from_is_checked_before_ray_and_loads_the_runs_model(exte
     assert _init_weights(model, source, work["uri"]) == []  # same class count: the head is loaded too
     final = load_state(extended_run.checkpoint_path)["model"]
     assert all(torch.equal(value, final[key]) for key, value in model.state_dict().items())
+    # `pipeline evaluate` of the MLflow model agrees with that of the checkpoint (MLflow 3 loads an
+    # exported graph that refuses eval(): evaluate rebuilds the model from its weights).
+    import json
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", work["uri"])
+    capsys.readouterr()
+    tops = []
+    for ref in (source, extended_run.checkpoint_path):
+        assert main(["evaluate", "--model", ref, "--shards", str(work["fm"]), "--json"]) == 0
+        tops.append(json.loads(capsys.readouterr().out)["top1"])
+    assert tops[0] == tops[1]
 
 
 def test_finetune_bf16_new_class_count_frozen_backbone(extended_run, work):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -94,6 +95,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """``pipeline evaluate``: print top-1/top-5 and per-class accuracy."""
     from pipeline.train.evaluate import evaluate_model
 
+    # MLflow's download bar for an MLflow model: on a terminal only, not as lines in a log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if sys.stderr.isatty() else "false")
     res = evaluate_model(args.model, args.shards, args.split, batch_size=args.batch_size, backend=args.backend,
                          device=args.device, precision=args.precision)
     if args.json:

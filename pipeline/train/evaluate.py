@@ -50,21 +50,37 @@ class EvalResult:
 
 
 def load_for_eval(model_ref: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """A model from a checkpoint path or an MLflow model URI, on the CPU."""
+    """A model from a checkpoint path or an MLflow model URI, on the CPU.
+
+    MLflow 3 loads a pytorch-flavor model as an exported ``GraphModule`` that refuses ``eval()``;
+    a model ``pipeline train`` logged (named after ``model.name``) is rebuilt from its weights instead.
+    """
     from pipeline.train.checkpoint import load_model, unwrap
 
     if model_ref.startswith(MLFLOW_MODEL_SCHEMES):
         import mlflow.pytorch
 
-        from pipeline.train.tracking import resolve_tracking_uri
+        from pipeline.train.models import MODEL_NAMES, build_model
+        from pipeline.train.tracking import logged_model_name, resolve_tracking_uri
 
-        mlflow.set_tracking_uri(resolve_tracking_uri(None))  # $MLFLOW_TRACKING_URI or ./mlruns.db, as for train
+        uri = resolve_tracking_uri(None)  # $MLFLOW_TRACKING_URI or ./mlruns.db, as for train
+        mlflow.set_tracking_uri(uri)
         try:
-            return unwrap(mlflow.pytorch.load_model(model_ref, map_location="cpu"))
+            loaded = unwrap(mlflow.pytorch.load_model(model_ref, map_location="cpu"))
         except Exception as exc:  # MLflow raises many types for a bad URI; all mean "cannot load it"
             hint = ("; pipeline train logs its model under the model's name: runs:/<run id>/<model.name>"
                     if model_ref.startswith("runs:/") else "")
             raise UserError(f"cannot load MLflow model {model_ref}: {str(exc).splitlines()[0]}{hint}") from None
+        name = logged_model_name(mlflow.MlflowClient(uri), model_ref)
+        if name not in MODEL_NAMES:
+            return loaded  # a model from elsewhere: as MLflow gives it
+        model = build_model(name, num_classes, in_channels, image_size)
+        try:
+            model.load_state_dict(loaded.state_dict())
+        except RuntimeError as exc:
+            raise UserError(f"--model {model_ref} ({name}) does not fit {num_classes} classes of "
+                            f"{in_channels}×{image_size}² inputs: {str(exc).splitlines()[-1].strip()}") from None
+        return model
     if not Path(model_ref).exists():
         raise UserError(f"--model {model_ref}: no such checkpoint (a directory with state.pt, the file, or runs:/…)")
     model, meta = load_model(model_ref)

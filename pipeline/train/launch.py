@@ -100,7 +100,7 @@ def _check_mlflow_init_from(cfg: TrainConfig, manifest: dict[str, Any], tracking
 
     from pipeline.data.presets import get_preset
     from pipeline.train.models import MODEL_NAMES
-    from pipeline.train.tracking import resolve_tracking_uri
+    from pipeline.train.tracking import logged_model_name, resolve_tracking_uri
 
     uri = tracking_uri or resolve_tracking_uri(None)  # the store the workers read it from
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
@@ -115,7 +115,7 @@ def _check_mlflow_init_from(cfg: TrainConfig, manifest: dict[str, Any], tracking
         raise UserError(f"--init-from {src}: no such model in {uri} ({str(exc).splitlines()[0]}){hint}") from None
     if "pytorch" not in info.flavors:
         raise UserError(f"--init-from {src} is not a PyTorch model (flavors: {', '.join(sorted(info.flavors))})")
-    trained = _logged_model_name(mlflow.MlflowClient(uri), src)
+    trained = logged_model_name(mlflow.MlflowClient(uri), src)
     if trained in MODEL_NAMES and trained != cfg.model.name:
         raise UserError(f"--init-from {src} holds a {trained} model, the config trains {cfg.model.name}: "
                         f"set model.name={trained}")
@@ -125,22 +125,6 @@ def _check_mlflow_init_from(cfg: TrainConfig, manifest: dict[str, Any], tracking
     if len(shape) == 4 and (shape[1], shape[2]) != (channels, size):
         raise UserError(f"--init-from {src} was trained on {shape[1]}×{shape[2]}² inputs, "
                         f"the shards' preset gives {channels}×{size}²: set data.preset to match")
-
-
-def _logged_model_name(client, src: str) -> str | None:
-    """The name of the logged model ``src`` leads to (runs:/ID/NAME, models:/MODEL_ID, models:/NAME/VERSION)."""
-    parts = src.split(":/", 1)[1].strip("/").split("/")
-    try:
-        if src.startswith("runs:/") and len(parts) == 2:
-            return parts[1]
-        if src.startswith("models:/") and len(parts) == 1 and parts[0].startswith("m-"):
-            return client.get_logged_model(parts[0]).name
-        if src.startswith("models:/") and len(parts) == 2:
-            version = client.get_model_version(*parts)
-            return client.get_logged_model(version.model_id).name if version.model_id else None
-    except Exception:  # noqa: BLE001 - nothing to compare; the workers check the weights' shapes
-        return None
-    return None
 
 
 def _scaling_config(cfg: TrainConfig, scaling_config_cls):

@@ -49,6 +49,23 @@ def resolve_tracking_uri(configured: str | None, cwd: Path | None = None) -> str
     return uri
 
 
+def logged_model_name(client, src: str) -> str | None:
+    """The name of the logged model an MLflow model URI leads to (runs:/ID/NAME, models:/MODEL_ID,
+    models:/NAME/VERSION); None where it cannot be told. ``pipeline train`` names its model ``model.name``."""
+    parts = src.split(":/", 1)[1].strip("/").split("/")
+    try:
+        if src.startswith("runs:/") and len(parts) == 2:
+            return parts[1]
+        if src.startswith("models:/") and len(parts) == 1 and parts[0].startswith("m-"):
+            return client.get_logged_model(parts[0]).name
+        if src.startswith("models:/") and len(parts) == 2:
+            version = client.get_model_version(*parts)
+            return client.get_logged_model(version.model_id).name if version.model_id else None
+    except Exception:  # noqa: BLE001 - not found or not told: the caller goes on without it
+        return None
+    return None
+
+
 def default_artifact_location(tracking_uri: str, configured: str | None, cwd: Path | None = None) -> str | None:
     """Artifact root for new experiments on a local SQLite store: ``./mlartifacts`` next to the database.
 

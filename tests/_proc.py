@@ -21,3 +21,15 @@ def descendants(root: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def descendants_with(root: int, needle: bytes) -> list[int]:
+    """Process ids below ``root`` whose command line contains ``needle`` (a Ray worker, a dashboard, …)."""
+    found = []
+    for pid in descendants(root):
+        try:
+            if needle in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue  # the process ended while we read
+    return found

@@ -17,7 +17,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.train.console import DriverConsole, WorkerConsole, format_event
 from pipeline.train.ray_output import FOLD_NOTE, REPEAT_NOTE, RepeatLimiter, TracebackFolder, quiet_ray_output
-from _proc import descendants
+from _proc import descendants_with
 
 EPOCH = {"train_loss": 1.5, "val_loss": 1.2, "val_top1": 0.61, "val_top5": 0.97, "train_images_per_s": 512.0,
          "data_wait_frac": 0.1, "epoch_time_s": 2.5}
@@ -212,7 +212,7 @@ def test_training_goes_on_when_the_dashboard_dies_and_the_cleaners_warning_shows
             while "console: starting;" not in log.read_text():  # the cleaner is watching by now
                 assert proc.poll() is None and time.time() < deadline, log.read_text()
                 time.sleep(0.2)
-            dashboards = [pid for pid in descendants(proc.pid) if b"dashboard/dashboard.py" in _cmdline(pid)]
+            dashboards = descendants_with(proc.pid, b"dashboard/dashboard.py")
             assert len(dashboards) == 1, dashboards  # this job's own Ray, started by the driver
             os.kill(dashboards[0], signal.SIGKILL)
             killed_at = time.time()
@@ -225,10 +225,3 @@ def test_training_goes_on_when_the_dashboard_dies_and_the_cleaners_warning_shows
     assert console.count("Failed to query Ray Train Controller actor state") == 1, console
     assert console.count(REPEAT_NOTE) == 1, console
     assert "[pipeline] epoch 4/4: train_loss" in console and "test accuracy (val split)" in console
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""

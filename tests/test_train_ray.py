@@ -25,7 +25,7 @@ from pipeline.train.config import load_config
 from pipeline.train.launch import fit
 from pipeline.train.tracking import RUN_KEY_TAG
 from conftest import make_label_folder
-from _proc import descendants
+from _proc import descendants_with
 
 pytestmark = pytest.mark.slow
 
@@ -58,15 +58,11 @@ def _kill_a_worker_after_first_checkpoint(storage: Path, killed: list[int], stop
     """Chaos: once epoch 1's checkpoint exists, SIGKILL one Ray Train worker started by this test process."""
     while not stop.is_set():
         if any(p.is_dir() for p in storage.glob("checkpoint_*")):
-            for pid in descendants(os.getpid()):
-                try:
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-                except OSError:
-                    continue
-                if "RayTrainWorker" in cmdline:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    return
+            workers = descendants_with(os.getpid(), b"RayTrainWorker")
+            if workers:
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+                return
         time.sleep(0.05)
 
 

@@ -35,7 +35,7 @@ from pipeline.cli import main
 from pipeline.data import LoaderOptions, build_loader
 from pipeline.train.preempt import Control, clear_stop, drop_worker_stop, exit_code, read_stop, request_stop
 from pipeline.train.state import rng_state, set_rng_state
-from _proc import descendants
+from _proc import descendants_with
 
 EPOCHS, STEPS = 1, 8  # 1024 images, 2 workers x batch 64
 
@@ -216,15 +216,10 @@ def jobs(shards, tmp_path_factory, ray_local):
 
     def chaos() -> None:
         _wait_for_mid_epoch_checkpoint(root / "ray_results" / "killed")
-        for pid in descendants(os.getpid()):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"RayTrainWorker" in cmdline:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
+        workers = descendants_with(os.getpid(), b"RayTrainWorker")
+        if workers:
+            os.kill(workers[0], signal.SIGKILL)
+            killed.append(workers[0])
 
     watcher = threading.Thread(target=chaos, daemon=True)
     watcher.start()

@@ -61,16 +61,15 @@ def load_for_eval(model_ref: str, num_classes: int, in_channels: int, image_size
         import mlflow.pytorch
 
         from pipeline.train.models import MODEL_NAMES, build_model
-        from pipeline.train.tracking import logged_model_name, resolve_tracking_uri
+        from pipeline.train.tracking import logged_model_name, resolve_tracking_uri, runs_uri_hint
 
         uri = resolve_tracking_uri(None)  # $MLFLOW_TRACKING_URI or ./mlruns.db, as for train
         mlflow.set_tracking_uri(uri)
         try:
             loaded = unwrap(mlflow.pytorch.load_model(model_ref, map_location="cpu"))
         except Exception as exc:  # MLflow raises many types for a bad URI; all mean "cannot load it"
-            hint = ("; pipeline train logs its model under the model's name: runs:/<run id>/<model.name>"
-                    if model_ref.startswith("runs:/") else "")
-            raise UserError(f"cannot load MLflow model {model_ref}: {str(exc).splitlines()[0]}{hint}") from None
+            raise UserError(f"cannot load MLflow model {model_ref}: {str(exc).splitlines()[0]}"
+                            f"{runs_uri_hint(model_ref)}") from None
         name = logged_model_name(mlflow.MlflowClient(uri), model_ref)
         if name not in MODEL_NAMES:
             return loaded  # a model from elsewhere: as MLflow gives it

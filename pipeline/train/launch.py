@@ -72,16 +72,26 @@ def _check_init_from(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
     src = cfg.train.init_from
     if not src or src.startswith(MLFLOW_MODEL_SCHEMES):
         return
-    from pipeline.data.presets import get_preset
     from pipeline.train.checkpoint import load_meta
 
     meta = load_meta(src)  # UserError when the path holds no checkpoint
+    if meta:
+        _check_fits(cfg, manifest, meta.get("model"), (meta.get("in_channels"), meta.get("image_size")))
+
+
+def _check_fits(cfg: TrainConfig, manifest: dict[str, Any], trained: str | None,
+                inputs: tuple[Any, Any] | None) -> None:
+    """``--init-from`` weights of model ``trained`` for ``inputs`` (channels, size) must suit the config and shards;
+    None: not known."""
+    from pipeline.data.presets import get_preset
+
+    src = cfg.train.init_from
+    if trained is not None and trained != cfg.model.name:
+        raise UserError(f"--init-from {src} holds a {trained} model, the config trains {cfg.model.name}: "
+                        f"set model.name={trained}")
     channels, size, _ = get_preset(cfg.data.preset or manifest["preset"]).output_shape()
-    if meta and meta.get("model") != cfg.model.name:
-        raise UserError(f"--init-from {src} holds a {meta.get('model')} model, the config trains {cfg.model.name}: "
-                        f"set model.name={meta.get('model')}")
-    if meta and (meta.get("in_channels"), meta.get("image_size")) != (channels, size):
-        raise UserError(f"--init-from {src} was trained on {meta.get('in_channels')}×{meta.get('image_size')}² inputs, "
+    if inputs is not None and inputs != (channels, size):
+        raise UserError(f"--init-from {src} was trained on {inputs[0]}×{inputs[1]}² inputs, "
                         f"the shards' preset gives {channels}×{size}²: set data.preset to match")
 
 
@@ -98,9 +108,8 @@ def _check_mlflow_init_from(cfg: TrainConfig, manifest: dict[str, Any], tracking
         return
     import mlflow
 
-    from pipeline.data.presets import get_preset
     from pipeline.train.models import MODEL_NAMES
-    from pipeline.train.tracking import logged_model_name, resolve_tracking_uri
+    from pipeline.train.tracking import logged_model_name, resolve_tracking_uri, runs_uri_hint
 
     uri = tracking_uri or resolve_tracking_uri(None)  # the store the workers read it from
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
@@ -110,21 +119,15 @@ def _check_mlflow_init_from(cfg: TrainConfig, manifest: dict[str, Any], tracking
         with _environ({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):  # a bar for one small file
             info = mlflow.models.get_model_info(src)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI; all mean "no such model"
-        hint = (f"; pipeline train logs its model under the model's name: runs:/<run id>/{cfg.model.name}"
-                if src.startswith("runs:/") else "")
-        raise UserError(f"--init-from {src}: no such model in {uri} ({str(exc).splitlines()[0]}){hint}") from None
+        raise UserError(f"--init-from {src}: no such model in {uri} ({str(exc).splitlines()[0]})"
+                        f"{runs_uri_hint(src, cfg.model.name)}") from None
     if "pytorch" not in info.flavors:
         raise UserError(f"--init-from {src} is not a PyTorch model (flavors: {', '.join(sorted(info.flavors))})")
     trained = logged_model_name(mlflow.MlflowClient(uri), src)
-    if trained in MODEL_NAMES and trained != cfg.model.name:
-        raise UserError(f"--init-from {src} holds a {trained} model, the config trains {cfg.model.name}: "
-                        f"set model.name={trained}")
     inputs = info.signature.inputs.inputs if info.signature and info.signature.inputs else []
     shape = tuple(getattr(inputs[0], "shape", ())) if len(inputs) == 1 else ()
-    channels, size, _ = get_preset(cfg.data.preset or manifest["preset"]).output_shape()
-    if len(shape) == 4 and (shape[1], shape[2]) != (channels, size):
-        raise UserError(f"--init-from {src} was trained on {shape[1]}×{shape[2]}² inputs, "
-                        f"the shards' preset gives {channels}×{size}²: set data.preset to match")
+    _check_fits(cfg, manifest, trained if trained in MODEL_NAMES else None,
+                (shape[1], shape[2]) if len(shape) == 4 else None)
 
 
 def _scaling_config(cfg: TrainConfig, scaling_config_cls):

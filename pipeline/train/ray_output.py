@@ -12,9 +12,10 @@ Two kinds of Ray output buried the lines of ours on a long job's console:
 * A line a Ray process logs again and again. When the dashboard process dies (it serves
   the State API), Ray Train's ``PlacementGroupCleaner`` warns "Failed to query Ray Train
   Controller actor state" every second or two for the rest of the job (52 lines in a run of
-  about a minute; tens of thousands a day) while training goes on. Ray folds repeats across processes within seconds, not
-  those of one process over hours. A line that one process repeats (the same text but for
-  numbers and ids) is now shown once per ``REPEAT_WINDOW_S``, with the count of the rest.
+  about a minute; tens of thousands a day) while training goes on. Ray folds repeats across
+  processes within seconds, not those of one process over hours. A line that one process
+  repeats (the same text but for numbers and ids) is now shown once per ``REPEAT_WINDOW_S``,
+  with the count of the rest.
 
 Each of the two says so once on the console when it first acts. Unless ``--verbose``; the
 session logs on every node keep everything, and ``--verbose`` prints it here too.

@@ -49,6 +49,12 @@ def resolve_tracking_uri(configured: str | None, cwd: Path | None = None) -> str
     return uri
 
 
+def runs_uri_hint(src: str, name: str = "<model.name>") -> str:
+    """For a ``runs:/`` URI that named no model: where ``pipeline train`` logs its model ("" for other URIs)."""
+    return (f"; pipeline train logs its model under the model's name: runs:/<run id>/{name}"
+            if src.startswith("runs:/") else "")
+
+
 def logged_model_name(client, src: str) -> str | None:
     """The name of the logged model an MLflow model URI leads to (runs:/ID/NAME, models:/MODEL_ID,
     models:/NAME/VERSION); None where it cannot be told. ``pipeline train`` names its model ``model.name``."""

@@ -89,3 +89,21 @@ def test_bad_scaling_values_are_one_line_errors():
         load_config("fashion_mnist", ["scaling.placement_strategy=spread"])
     with pytest.raises(UserError, match="min_workers"):
         load_config("fashion_mnist", ["scaling.num_workers=2", "scaling.min_workers=3"])
+
+
+def test_a_local_ray_moves_off_a_tmpdir_too_long_for_its_sockets(monkeypatch, capsys):
+    from pipeline.train.launch import local_ray_temp_dir
+
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", "/tmp/slurm-1234567")
+    assert local_ray_temp_dir() is None  # Ray's own choice fits: left alone, nothing printed
+    monkeypatch.delenv("TMPDIR")
+    assert local_ray_temp_dir() is None
+    monkeypatch.setenv("TMPDIR", "/local/scratch/pbs.1234567.pbs-server01.example.org/tmp")
+    assert local_ray_temp_dir() == f"/tmp/ray-{os.getuid()}"
+    assert capsys.readouterr().err.count("TMPDIR is too long for Ray's socket paths") == 1
+    monkeypatch.setenv("RAY_TMPDIR", "/tmp/ray-short")  # Ray reads RAY_TMPDIR before TMPDIR
+    assert local_ray_temp_dir() is None
+    monkeypatch.setenv("RAY_TMPDIR", "/local/scratch/pbs.1234567.pbs-server01.example.org/ray")
+    with pytest.raises(UserError, match="set a shorter RAY_TMPDIR"):
+        local_ray_temp_dir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,17 +156,20 @@ def test_filters_wrap_rays_forwarding_handler_once(capsys):
         dispatcher.remove_handler("ray_print_logs")  # what ray.shutdown does
 
 
-def _local_train(tmp_path: Path, fmnist_dir: Path, *sets: str) -> tuple[list[str], dict[str, str]]:
+def _local_train(tmp_path: Path, fmnist_dir: Path, *sets: str, tmpdir: Path | None = None,
+                 ) -> tuple[list[str], dict[str, str]]:
     """The command and environment of a ``pipeline train`` on 512 Fashion-MNIST images, on a newcomer's machine:
-    an empty HOME (no Ray token, no matplotlib font cache), a new SQLite store, a Ray of its own."""
+    an empty HOME (no Ray token, no matplotlib font cache), a new SQLite store, a Ray of its own (its session
+    under ``tmpdir``; by default a short one: Ray's socket paths have a length limit)."""
     shards = tmp_path / "fm"
     assert main(["shard", str(fmnist_dir), str(shards), "--limit", "512", "--samples-per-shard", "256",
                  "--no-progress"]) == 0
     home = tmp_path / "home"
     home.mkdir()
-    env = {**os.environ, "TMPDIR": tempfile.mkdtemp(prefix="pl-", dir="/tmp"), "PYTHONUNBUFFERED": "1",  # short: Ray's socket paths
+    env = {**os.environ, "TMPDIR": str(tmpdir or tempfile.mkdtemp(prefix="pl-", dir="/tmp")), "PYTHONUNBUFFERED": "1",
            "HOME": str(home)}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_TMPDIR", None)
     env.pop("MPLCONFIGDIR", None)
     cmd = [str(Path(sys.executable).with_name("pipeline")), "train", "--config", "fashion_mnist",
            "--set", f"data.shards={shards}", "--set", "run.name=console",
@@ -178,10 +182,22 @@ def _local_train(tmp_path: Path, fmnist_dir: Path, *sets: str) -> tuple[list[str
 
 @pytest.mark.slow
 def test_train_console_has_each_line_once_and_no_ray_noise(tmp_path, fmnist_dir):
-    cmd, env = _local_train(tmp_path, fmnist_dir, "train.epochs=2", "train.log_every_steps=2")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    console = proc.stdout + proc.stderr
+    # A batch scheduler's per-job TMPDIR (49 bytes), too long for Ray's socket paths: Ray alone would fail at start.
+    tmpdir = Path(tempfile.mkdtemp(prefix="slurm-job-1234567.head-node.example-", dir="/tmp"))
+    cmd, env = _local_train(tmp_path, fmnist_dir, "train.epochs=2", "train.log_every_steps=2", tmpdir=tmpdir)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        fallback = Path(f"/tmp/ray-{os.getuid()}")
+        for session in fallback.glob(f"session_*_{proc.pid}"):  # this job's Ray session: started by its driver
+            shutil.rmtree(session, ignore_errors=True)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    console = out + err
     assert proc.returncode == 0, console
+    assert console.count(f"this job's Ray keeps its session in {fallback}") == 1, console
     lines = [line for line in console.splitlines() if line.strip()]
     # Ours: every [pipeline] line (from the driver or, for the rank layout, a worker) and the summary.
     ours = [line for line in lines if "[pipeline]" in line or line.startswith(("test accuracy", "checkpoint:"))]

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,44 @@ def _ensure_ray(cfg: TrainConfig, verbose: bool = False) -> None:
         ray.init(log_to_driver=True, **options)  # the cluster of `ray job submit` or an explicit RAY_ADDRESS
         return
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    temp_dir = local_ray_temp_dir()
+    if temp_dir:
+        options["_temp_dir"] = temp_dir
     # address="local": a Ray of our own, never a cluster some `ray start` left on this machine.
     # The dashboard (127.0.0.1) serves the State API that Ray Train's PlacementGroupCleaner polls every second.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=True,
              num_gpus=None if cfg.scaling.use_gpu else 0, **options)
+
+
+# Unix socket paths hold at most 107 bytes on Linux. Ray puts its sockets under its temp dir, the longest at
+# <temp dir>/session_<date>_<time>_<microseconds>_<pid>/sockets/dash_<dashboard module> (Ray 2.60: MetricsHead
+# and ReportHead run as processes of their own, each with a socket; a pid has at most 7 digits).
+_SOCKET_PATH_MAX = 107
+_RAY_SOCKET_TAIL = len("/session_2026-12-01_20-05-21_024940_4194304/sockets/dash_MetricsHead")
+
+
+def local_ray_temp_dir() -> str | None:
+    """The temp dir for a local Ray when Ray's own choice cannot hold its sockets; None when it can.
+
+    Ray keeps its session under ``$RAY_TMPDIR/ray``, else ``$TMPDIR/ray``, else
+    ``/tmp/ray``. Batch schedulers often set a long per-job ``TMPDIR``, and Ray
+    then fails deep in its start-up with a traceback; such a run uses
+    ``/tmp/ray-<uid>`` instead and says so once. A ``RAY_TMPDIR`` that is too
+    long is the user's explicit choice: one error line.
+    """
+    explicit = os.environ.get("RAY_TMPDIR")
+    base = explicit or os.environ.get("TMPDIR") or "/tmp"
+    longest = len(os.path.join(base, "ray").encode()) + _RAY_SOCKET_TAIL
+    if longest <= _SOCKET_PATH_MAX:
+        return None
+    room = _SOCKET_PATH_MAX - _RAY_SOCKET_TAIL - len("/ray")
+    if explicit:
+        raise UserError(f"RAY_TMPDIR is {len(explicit.encode())} bytes long, too long for Ray's socket paths "
+                        f"(at most {room} bytes): set a shorter RAY_TMPDIR ({explicit})")
+    fallback = f"/tmp/ray-{os.getuid()}"
+    print(f"[pipeline] TMPDIR is too long for Ray's socket paths (at most {room} bytes); this job's Ray keeps its "
+          f"session in {fallback} (RAY_TMPDIR chooses another)", file=sys.stderr, flush=True)
+    return fallback
 
 
 def _check_init_from(cfg: TrainConfig, manifest: dict[str, Any]) -> None:

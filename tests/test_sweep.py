@@ -1,8 +1,9 @@
 """``pipeline sweep``: grid/random points, up-front validation, and one real sweep on Ray Tune + MLflow.
 
 The real sweep is a 2×2 grid (optim.lr × data.shards) whose second shard directory does not exist:
-two trials train (one short Fashion-MNIST epoch each), two fail before their workers start. One
-sweep checks parent and children, the failure path, the exit code and ``pipeline runs`` at once.
+two trials train (one short Fashion-MNIST epoch each, on one worker, so that as many trials run at
+once as there are CPUs), two fail before their workers start. One sweep checks parent and children,
+the failure path, the default concurrency, the exit code and ``pipeline runs`` at once.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def swept(tmp_path_factory, fmnist_dir):
            "--grid", "optim.lr=0.002,0.004", "--grid", f"data.shards={shards},{root / 'missing'}",
            "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=3", "--set", "tracking.log_model=false",
            "--set", f"run.storage_path={root / 'ray_results'}", "--set", f"tracking.tracking_uri={uri}",
-           "--set", "tracking.experiment=sweeps", "--max-concurrent", "1"]
+           "--set", "tracking.experiment=sweeps", "--set", "scaling.num_workers=1"]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     runs = subprocess.run([pipeline, "runs", "--tracking-uri", uri, "--experiment", "sweeps"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -106,6 +107,8 @@ def test_sweep_parent_children_and_failed_trials(swept):
     assert "2 of 4 trial(s) failed:" in proc.stdout, out
     assert "best: trial " in proc.stdout and "optim.lr=" in proc.stdout.split("best: trial ")[1], out
     assert "errored after" not in out, out  # Tune's own failure report: the sweep's summary replaces it
+    # No --max-concurrent: as many trials at a time as their workers fit (1 CPU each; Ray gets every CPU).
+    assert f"4 trial(s) of fashion_mnist, {os.cpu_count()} at a time" in proc.stdout, out
 
     client, parent, children = _sweep_runs(swept["uri"])
     assert parent.info.status == "FAILED" and parent.data.tags["pipeline.failed_trials"] == "2"

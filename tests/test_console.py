@@ -156,18 +156,22 @@ def test_filters_wrap_rays_forwarding_handler_once(capsys):
         dispatcher.remove_handler("ray_print_logs")  # what ray.shutdown does
 
 
-def _local_train(tmp_path: Path, fmnist_dir: Path, *sets: str, tmpdir: Path | None = None,
-                 ) -> tuple[list[str], dict[str, str]]:
+@pytest.fixture
+def short_tmpdir():
+    path = Path(tempfile.mkdtemp(prefix="pl-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    yield path
+    shutil.rmtree(path, ignore_errors=True)  # the job's Ray session logs
+
+
+def _local_train(tmp_path: Path, fmnist_dir: Path, tmpdir: Path, *sets: str) -> tuple[list[str], dict[str, str]]:
     """The command and environment of a ``pipeline train`` on 512 Fashion-MNIST images, on a newcomer's machine:
-    an empty HOME (no Ray token, no matplotlib font cache), a new SQLite store, a Ray of its own (its session
-    under ``tmpdir``; by default a short one: Ray's socket paths have a length limit)."""
+    an empty HOME (no Ray token, no matplotlib font cache), a new SQLite store, a Ray of its own (TMPDIR=tmpdir)."""
     shards = tmp_path / "fm"
     assert main(["shard", str(fmnist_dir), str(shards), "--limit", "512", "--samples-per-shard", "256",
                  "--no-progress"]) == 0
     home = tmp_path / "home"
     home.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmpdir or tempfile.mkdtemp(prefix="pl-", dir="/tmp")), "PYTHONUNBUFFERED": "1",
-           "HOME": str(home)}
+    env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONUNBUFFERED": "1", "HOME": str(home)}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_TMPDIR", None)
     env.pop("MPLCONFIGDIR", None)
@@ -184,7 +188,7 @@ def _local_train(tmp_path: Path, fmnist_dir: Path, *sets: str, tmpdir: Path | No
 def test_train_console_has_each_line_once_and_no_ray_noise(tmp_path, fmnist_dir):
     # A batch scheduler's per-job TMPDIR (49 bytes), too long for Ray's socket paths: Ray alone would fail at start.
     tmpdir = Path(tempfile.mkdtemp(prefix="slurm-job-1234567.head-node.example-", dir="/tmp"))
-    cmd, env = _local_train(tmp_path, fmnist_dir, "train.epochs=2", "train.log_every_steps=2", tmpdir=tmpdir)
+    cmd, env = _local_train(tmp_path, fmnist_dir, tmpdir, "train.epochs=2", "train.log_every_steps=2")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=600)
@@ -217,9 +221,10 @@ def test_train_console_has_each_line_once_and_no_ray_noise(tmp_path, fmnist_dir)
 
 
 @pytest.mark.slow
-def test_training_goes_on_when_the_dashboard_dies_and_the_cleaners_warning_shows_once(tmp_path, fmnist_dir):
+def test_training_goes_on_when_the_dashboard_dies_and_the_cleaners_warning_shows_once(tmp_path, fmnist_dir,
+                                                                                    short_tmpdir):
     # Without the dashboard's State API, Ray Train's PlacementGroupCleaner warns every second until the job ends.
-    cmd, env = _local_train(tmp_path, fmnist_dir, "train.epochs=4", "train.batch_size=32")
+    cmd, env = _local_train(tmp_path, fmnist_dir, short_tmpdir, "train.epochs=4", "train.batch_size=32")
     log = tmp_path / "console.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)

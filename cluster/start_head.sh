@@ -18,6 +18,7 @@ DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 ARGS=()
 [ -n "${RAY_NUM_CPUS:-}" ] && ARGS+=(--num-cpus "$RAY_NUM_CPUS")
 [ -n "${RAY_NUM_GPUS:-}" ] && ARGS+=(--num-gpus "$RAY_NUM_GPUS")
+. "$(dirname "$0")/ray_temp_dir.sh"  # a TMPDIR too long for Ray's sockets: /tmp/ray-<uid>
 [ -n "${RAY_TEMP_DIR:-}" ] && ARGS+=(--temp-dir "$RAY_TEMP_DIR")
 
 export RAY_AUTH_MODE=token

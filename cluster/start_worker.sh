@@ -20,6 +20,7 @@ fi
 ARGS=()
 [ -n "${RAY_NUM_CPUS:-}" ] && ARGS+=(--num-cpus "$RAY_NUM_CPUS")
 [ -n "${RAY_NUM_GPUS:-}" ] && ARGS+=(--num-gpus "$RAY_NUM_GPUS")
+. "$(dirname "$0")/ray_temp_dir.sh"  # a TMPDIR too long for Ray's sockets: /tmp/ray-<uid>
 [ -n "${RAY_TEMP_DIR:-}" ] && ARGS+=(--temp-dir "$RAY_TEMP_DIR")
 exec ray start --address "$ADDRESS" --node-ip-address "${RAY_BIND:-127.0.0.1}" --disable-usage-stats \
   "${ARGS[@]}" "$@"

@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -74,7 +76,8 @@ def swept(tmp_path_factory, fmnist_dir):
     assert main(["shard", str(fmnist_dir), str(shards), "--limit", "512", "--samples-per-shard", "256",
                  "--no-progress"]) == 0
     uri = f"sqlite:///{root / 'mlruns.db'}"
-    env = {**os.environ, "TMPDIR": str(root), "PYTHONUNBUFFERED": "1"}
+    tmpdir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "TMPDIR": tmpdir, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     pipeline = str(Path(sys.executable).with_name("pipeline"))
     cmd = [pipeline, "sweep", "--config", "fashion_mnist", "--name", "grid",
@@ -82,9 +85,12 @@ def swept(tmp_path_factory, fmnist_dir):
            "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=3", "--set", "tracking.log_model=false",
            "--set", f"run.storage_path={root / 'ray_results'}", "--set", f"tracking.tracking_uri={uri}",
            "--set", "tracking.experiment=sweeps", "--set", "scaling.num_workers=1"]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    runs = subprocess.run([pipeline, "runs", "--tracking-uri", uri, "--experiment", "sweeps"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        runs = subprocess.run([pipeline, "runs", "--tracking-uri", uri, "--experiment", "sweeps"], cwd=root,
+                              env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)  # the sweep's Ray session logs
     return {"proc": proc, "runs": runs, "uri": uri, "shards": str(shards), "root": root}
 
 

@@ -7,7 +7,11 @@ reading the pixels back (robust to JPEG error, crops, flips and resizes).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,20 @@ def label_value(label: int, num_classes: int = 10) -> int:
 def label_from_pixels(mean_value: float, num_classes: int = 10) -> int:
     """Inverse of ``label_value`` on an image's mean grey level (0..255)."""
     return int(round(mean_value * max(num_classes - 1, 1) / 255))
+
+
+@contextlib.contextmanager
+def temp_dir_under_tmp(prefix: str = "pl-") -> Iterator[Path]:
+    """A new directory right under /tmp, removed afterwards: a TMPDIR for a job that starts a Ray of its own.
+
+    pytest's own temp paths can be too long for Ray's Unix socket paths; the default prefix gives a short
+    one, a long prefix a long one. Removing it removes that Ray's session logs too.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def make_label_folder(

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +18,7 @@ from pipeline.cli import main
 from pipeline.train.console import DriverConsole, WorkerConsole, format_event
 from pipeline.train.ray_output import FOLD_NOTE, REPEAT_NOTE, RepeatLimiter, TracebackFolder, quiet_ray_output
 from _proc import descendants_with
+from conftest import temp_dir_under_tmp
 
 EPOCH = {"train_loss": 1.5, "val_loss": 1.2, "val_top1": 0.61, "val_top5": 0.97, "train_images_per_s": 512.0,
          "data_wait_frac": 0.1, "epoch_time_s": 2.5}
@@ -158,9 +158,8 @@ def test_filters_wrap_rays_forwarding_handler_once(capsys):
 
 @pytest.fixture
 def short_tmpdir():
-    path = Path(tempfile.mkdtemp(prefix="pl-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    yield path
-    shutil.rmtree(path, ignore_errors=True)  # the job's Ray session logs
+    with temp_dir_under_tmp() as path:  # short: Ray's socket paths have a length limit
+        yield path
 
 
 def _local_train(tmp_path: Path, fmnist_dir: Path, tmpdir: Path, *sets: str) -> tuple[list[str], dict[str, str]]:
@@ -187,18 +186,17 @@ def _local_train(tmp_path: Path, fmnist_dir: Path, tmpdir: Path, *sets: str) -> 
 @pytest.mark.slow
 def test_train_console_has_each_line_once_and_no_ray_noise(tmp_path, fmnist_dir):
     # A batch scheduler's per-job TMPDIR (49 bytes), too long for Ray's socket paths: Ray alone would fail at start.
-    tmpdir = Path(tempfile.mkdtemp(prefix="slurm-job-1234567.head-node.example-", dir="/tmp"))
-    cmd, env = _local_train(tmp_path, fmnist_dir, tmpdir, "train.epochs=2", "train.log_every_steps=2")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        fallback = Path(f"/tmp/ray-{os.getuid()}")
-        for session in fallback.glob(f"session_*_{proc.pid}"):  # this job's Ray session: started by its driver
-            shutil.rmtree(session, ignore_errors=True)
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    fallback = Path(f"/tmp/ray-{os.getuid()}")
+    with temp_dir_under_tmp("slurm-job-1234567.head-node.example-") as tmpdir:
+        cmd, env = _local_train(tmp_path, fmnist_dir, tmpdir, "train.epochs=2", "train.log_every_steps=2")
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            for session in fallback.glob(f"session_*_{proc.pid}"):  # this job's Ray session: started by its driver
+                shutil.rmtree(session, ignore_errors=True)
     console = out + err
     assert proc.returncode == 0, console
     assert console.count(f"this job's Ray keeps its session in {fallback}") == 1, console

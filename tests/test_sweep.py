@@ -11,10 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -23,6 +21,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.train.sweep import Sweep, parse_grid, parse_random
+from conftest import temp_dir_under_tmp
 
 
 def test_points_are_the_grid_product_once_per_random_sample():
@@ -76,21 +75,18 @@ def swept(tmp_path_factory, fmnist_dir):
     assert main(["shard", str(fmnist_dir), str(shards), "--limit", "512", "--samples-per-shard", "256",
                  "--no-progress"]) == 0
     uri = f"sqlite:///{root / 'mlruns.db'}"
-    tmpdir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "TMPDIR": tmpdir, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
     pipeline = str(Path(sys.executable).with_name("pipeline"))
     cmd = [pipeline, "sweep", "--config", "fashion_mnist", "--name", "grid",
            "--grid", "optim.lr=0.002,0.004", "--grid", f"data.shards={shards},{root / 'missing'}",
            "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=3", "--set", "tracking.log_model=false",
            "--set", f"run.storage_path={root / 'ray_results'}", "--set", f"tracking.tracking_uri={uri}",
            "--set", "tracking.experiment=sweeps", "--set", "scaling.num_workers=1"]
-    try:
+    with temp_dir_under_tmp() as tmpdir:  # short: Ray's socket paths have a length limit
+        env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS", None)
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
         runs = subprocess.run([pipeline, "runs", "--tracking-uri", uri, "--experiment", "sweeps"], cwd=root,
                               env=env, capture_output=True, text=True, timeout=300)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)  # the sweep's Ray session logs
     return {"proc": proc, "runs": runs, "uri": uri, "shards": str(shards), "root": root}
 
 

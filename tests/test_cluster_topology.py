@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +109,36 @@ def test_a_local_ray_moves_off_a_tmpdir_too_long_for_its_sockets(monkeypatch, ca
     monkeypatch.setenv("RAY_TMPDIR", "/local/scratch/pbs.1234567.pbs-server01.example.org/ray")
     with pytest.raises(UserError, match="set a shorter RAY_TMPDIR"):
         local_ray_temp_dir()
+
+
+CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+LONG = "/local/scratch/pbs.1234567.pbs-server01.example.org/tmp"  # a batch scheduler's per-job TMPDIR: 56 bytes
+
+
+def _env(tmp_path: Path, **values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_TEMP_DIR", "RAY_TMPDIR", "TMPDIR", "RAY_ADDRESS")}
+    # No `ray` on PATH: should the rule ever let a script through, it fails instead of starting a real head.
+    return {**env, "HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", **values}
+
+
+def test_the_cluster_scripts_follow_the_same_temp_dir_rule(tmp_path):
+    source = f'. "{CLUSTER / "ray_temp_dir.sh"}"; echo "RAY_TEMP_DIR=${{RAY_TEMP_DIR:-}}"'
+    for values, chosen in (({}, ""), ({"TMPDIR": "/tmp/slurm-1234567"}, ""),
+                           ({"TMPDIR": LONG}, f"/tmp/ray-{os.getuid()}"),
+                           ({"TMPDIR": LONG, "RAY_TMPDIR": "/tmp/ray-short"}, ""),
+                           ({"TMPDIR": LONG, "RAY_TEMP_DIR": "/tmp/my-ray"}, "/tmp/my-ray")):
+        done = subprocess.run(["bash", "-c", f"set -euo pipefail; {source}"], env=_env(tmp_path, **values),
+                              capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout == f"RAY_TEMP_DIR={chosen}\n", (values, done)
+        moved = chosen == f"/tmp/ray-{os.getuid()}"
+        assert done.stderr.count("TMPDIR is too long for Ray's socket paths") == int(moved), (values, done.stderr)
+    # A temp dir the user chose that cannot hold Ray's sockets: one line and exit code 2, before anything starts.
+    for name, value in (("RAY_TEMP_DIR", LONG), ("RAY_TMPDIR", LONG)):
+        for script in (["start_head.sh"], ["start_worker.sh", "127.0.0.1:6379"]):
+            done = subprocess.run([str(CLUSTER / script[0]), *script[1:]], capture_output=True, text=True,
+                                  env=_env(tmp_path, RAY_AUTH_TOKEN="0" * 64, **{name: value}), timeout=60)
+            assert done.returncode == 2 and not done.stdout, (script, name, done)
+            assert done.stderr.splitlines() == [f"error: {name} is {len(value)} bytes long, too long for Ray's socket "
+                                                f"paths (at most {39 if name == 'RAY_TEMP_DIR' else 35} bytes): set a "
+                                                f"shorter {name} ({value})"], (script, done.stderr)
+            assert not (tmp_path / "home" / ".ray").exists()

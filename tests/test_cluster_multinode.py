@@ -152,6 +152,13 @@ def test_job_spreads_two_workers_over_two_nodes(cluster, shards, tmp_path):
                       "scaling.placement_strategy=STRICT_SPREAD")
     assert rc == 0, out[-4000:]
     assert "rank 1/2: node 127.0.0." in out  # the layout line of every rank, printed by rank 0
+    # cluster/submit.sh keeps Ray CLI's job id and status lines, not its records of packaging and upload.
+    lines = out.splitlines()
+    submitted = [line for line in lines if line.startswith("Job 'raysubmit_") and " submitted: ray job logs " in line]
+    assert len(submitted) == 1 and lines[0] == submitted[0], out[:3000]
+    assert lines[-1] == submitted[0].split(" submitted:")[0] + " succeeded", out[-3000:]
+    assert not [line for line in lines if " -- " in line and line[:4].isdigit()], out[:3000]  # no "<time> INFO x.py -- "
+    assert "Next steps" not in out and "Running entrypoint" not in out and "" not in lines, out[:3000]
 
     client, run = _mlflow_run(cluster, "spread")
     layout = json.loads(Path(client.download_artifacts(run.info.run_id, "workers.json", str(tmp_path))).read_text())

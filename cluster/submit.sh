@@ -22,7 +22,7 @@ fi
 RECORD='^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:,]+[[:space:]]+(INFO|SUCC|WARNING|ERROR) (cli|packaging|dashboard_sdk|sdk|working_dir|job_manager)\.py:[0-9]+ -- '
 # In the background, so that a signal to this script reaches the CLI at once (bash defers traps while a
 # foreground command runs): SIGTERM or Ctrl-C ends the CLI, as for a plain `ray job submit`.
-trap 'pkill -TERM -P $$ 2>/dev/null || true' TERM INT HUP
+trap 'kill -TERM $(jobs -p) "$!" 2>/dev/null || true' TERM INT HUP  # the CLI (the job's first process) and sed ($!)
 # Kept: the job's id (with how to follow and stop it), Ray CLI's warnings and errors (the job's end among
 # them) and "succeeded"; dropped: its other records, the supervisor's "Running entrypoint" line, blank lines.
 "${SUBMIT[@]}" 2>&1 | sed -u -E \

@@ -74,7 +74,8 @@ def _ensure_ray(cfg: TrainConfig, verbose: bool = False) -> None:
 # Unix socket paths hold at most 107 bytes on Linux. Ray puts its sockets under its temp dir, the longest at
 # <temp dir>/session_<date>_<time>_<microseconds>_<pid>/sockets/dash_<dashboard module> (Ray 2.60: MetricsHead
 # and ReportHead run as processes of their own, each with a socket; a pid has at most 7 digits).
-# cluster/ray_temp_dir.sh applies the same rule to `ray start`, with the 35 bytes this leaves for TMPDIR.
+# cluster/ray_temp_dir.sh applies the same rule to `ray start`, with the 39 bytes this leaves for a temp dir
+# (35 for TMPDIR or RAY_TMPDIR, to which Ray adds "/ray").
 _SOCKET_PATH_MAX = 107
 _RAY_SOCKET_TAIL = len("/session_2026-12-01_20-05-21_024940_4194304/sockets/dash_MetricsHead")
 

@@ -286,7 +286,10 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
                 callbacks=list(callbacks),
             ),
         )
-        with stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled=local_storage), _controller_env(cfg):
+        with stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled=local_storage) as handled, \
+                _controller_env(cfg):
+            if handled:  # Ray Train V2's fit() puts a SIGINT handler over ours that aborts without a checkpoint
+                trainer._register_sigint_handler = lambda controller: None  # Ctrl-C stops as SIGTERM does
             try:
                 result = trainer.fit()
             except Exception as exc:

@@ -157,14 +157,15 @@ class Control:
 
 
 @contextmanager
-def stop_on_signals(storage_dir: str | Path, timeout_s: float, enabled: bool = True) -> Iterator[dict[str, str]]:
+def stop_on_signals(storage_dir: str | Path, timeout_s: float, enabled: bool = True) -> Iterator[bool]:
     """While the driver waits for the job: SIGTERM/SIGINT ask the workers for a checkpoint and a stop.
 
-    Yields a dict that holds ``"signal"`` once one arrived. If the job has not ended
+    Yields True when the handlers are in place, False when disabled or off the main thread;
+    code that sets its own handlers later must be kept from doing so. If the job has not ended
     ``timeout_s`` after the signal (plus a little for Ray to return), the driver exits
     anyway; a second signal exits at once.
     """
-    got: dict[str, str] = {}
+    got: dict[str, str] = {}  # "signal": the first one's name
 
     def handler(signum: int, frame) -> None:
         name = signal.Signals(signum).name
@@ -179,7 +180,7 @@ def stop_on_signals(storage_dir: str | Path, timeout_s: float, enabled: bool = T
         threading.Thread(target=_deadline, args=(timeout_s, signum), daemon=True).start()
 
     if not enabled or threading.current_thread() is not threading.main_thread():
-        yield got  # signals reach only the main thread; an embedding caller keeps its own handlers
+        yield False  # signals reach only the main thread; an embedding caller keeps its own handlers
         return
     note = job_stop_wait_note(timeout_s)
     if note:
@@ -187,7 +188,7 @@ def stop_on_signals(storage_dir: str | Path, timeout_s: float, enabled: bool = T
     # Replaces the handlers Ray's core installs on the driver, which dump a native stack and abort (exit 134).
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield got
+        yield True
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -129,7 +129,9 @@ def test_system_metrics_per_node_continue_across_restarts(job):
     client, run_id = job["client"], job["run"].info.run_id
     keys = set(job["run"].data.metrics)
     prefix = f"system/{node_name()}/"
-    assert {prefix + "cpu_utilization_percentage", prefix + "system_memory_usage_megabytes"} <= keys
+    assert {prefix + "cpu_utilization_percentage", prefix + "cpu_steal_percentage",
+            prefix + "system_memory_usage_megabytes"} <= keys
+    assert 0 <= job["run"].data.metrics[prefix + "cpu_steal_percentage"] <= 100
     assert prefix + "network_receive_megabytes" in keys and prefix + "disk_usage_percentage" in keys
     cpu = prefix + "cpu_utilization_percentage"
     before = sorted(m.step for m in client.get_metric_history(run_id, cpu))

@@ -3,7 +3,9 @@
 One sampler per node (the worker with local rank 0) collects what MLflow's
 system-metrics monitors collect (CPU and memory, disk, network; GPU utilisation
 and memory when ``nvidia-ml-py`` is installed and a GPU is present: the ``gpu``
-extra) every ``interval_s`` seconds and logs the averages through its own
+extra), plus the CPU time a virtual machine's hypervisor gave to other guests
+(``cpu_steal_percentage``: slow epochs on a shared host show there, not in the
+load average), every ``interval_s`` seconds and logs the averages through its own
 tracking queue and spool (``system-<node>.jsonl``), so a tracking outage costs
 the node nothing and nothing is lost. The sampler never creates the run: it
 waits until rank 0's tracker has it.
@@ -32,12 +34,31 @@ def node_name() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", socket.gethostname().split(".")[0]) or "node"
 
 
+def _steal_monitor():
+    """A monitor of ``cpu_steal_percentage``: share of this node's CPU time stolen since the last sample."""
+    import psutil
+    from mlflow.system_metrics.metrics.base_metrics_monitor import BaseMetricsMonitor
+
+    class StealMonitor(BaseMetricsMonitor):
+        def __init__(self) -> None:
+            super().__init__()
+            psutil.cpu_times_percent()  # the first sample counts from here
+
+        def collect_metrics(self) -> None:
+            self._metrics["cpu_steal_percentage"].append(psutil.cpu_times_percent().steal)
+
+        def aggregate_metrics(self) -> dict[str, float]:
+            return {k: round(sum(v) / len(v), 1) for k, v in self._metrics.items()}
+
+    return StealMonitor() if hasattr(psutil.cpu_times(), "steal") else None  # Linux only
+
+
 def _monitors() -> list:
     from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
     from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
     from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
 
-    monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+    monitors = [m for m in (CPUMonitor(), _steal_monitor(), DiskMonitor(), NetworkMonitor()) if m is not None]
     try:
         from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import FASHION_MNIST as SOURCE
-from benchmarks.common import machine_info
+from benchmarks.common import STEAL_NOTE, HostLoad, machine_info
 
 DEFAULT_SHARDS = Path("benchmarks/data/fashion_mnist")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -168,14 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     source = holdout_source(args.source, shards.with_name(shards.name + "-idx")) if tune else args.source
 
     load_before = os.getloadavg()
-    shard_s, reused = shard(source, shards, args.rebuild)
+    host = HostLoad()  # the CPU time the hypervisor gave to other guests (steal), per step
+    with host.run("shard"):
+        shard_s, reused = shard(source, shards, args.rebuild)
     print(f"[accuracy] {args.phase}: shards {shards}: " + ("reused (build not timed; --rebuild to time it)"
                                                            if reused else f"built in {shard_s:.1f} s"), flush=True)
     results = []
     for config in configs:
-        r = train(config, shards, args.storage, args.overrides)
+        with host.run(config):
+            r = train(config, shards, args.storage, args.overrides)
         target = TARGETS[config]
-        r.update(phase=args.phase, shard_s=shard_s, shards_reused=reused, target=target)
+        r.update(phase=args.phase, shard_s=shard_s, shards_reused=reused, target=target,
+                 cpu_steal_train=host.steal.get(config, [None])[0], cpu_steal_shard=host.steal.get("shard", [None])[0])
         if tune:
             for e in r["per_epoch"]:
                 print(f"[accuracy] {config} epoch {e['epoch']}: val_top1 {e.get('val_top1', float('nan')):.4f} "
@@ -200,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
               f"(target ≥ {target['min_top1']}: {'met' if r['accuracy_met'] else 'NOT met'}); {timing} "
               f"(target ≤ {target['max_total_s']:.0f} s: "
               f"{'not judged' if r['time_met'] is None else 'met' if r['time_met'] else 'NOT met'}); "
-              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, "
+              f"steal {r['cpu_steal_train'] or 0:.0%} during training", flush=True)
+        if (r["cpu_steal_train"] or 0) > STEAL_NOTE:
+            print(f"[accuracy] note: the hypervisor gave {r['cpu_steal_train']:.0%} of the CPU time to other guests "
+                  "during training: the time says more about the host than about this pipeline", flush=True)
         print(f"[accuracy] MLflow run {r['mlflow_run_id']} ({r['run_name']}); open it with: {r['ui']}", flush=True)
 
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,14 @@ measurement, and reports the median and spread. A suite returns a list of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
 import socket
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -102,6 +104,71 @@ def ratio(results: list[Result], name: str, num: str, den: str, *, metric: str, 
         raise KeyError(f"no result for {exc.args[0]} among {sorted(by_case)}") from None
     return Ratio(name=name, numerator=num, denominator=den, value=a.median / b.median if b.median else float("nan"),
                  goal=goal, metric=metric)
+
+
+STEAL_NOTE = 0.05  # more CPU time than this stolen during a case run: its figures are flagged
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(steal, total) CPU time of the whole machine since boot, from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    return (fields[7], sum(fields)) if len(fields) == 8 else None
+
+
+class HostLoad:
+    """What else the machine did during each case run: the 1-minute load average at its start and the
+    share of the CPUs' time the hypervisor gave to other guests during it (``steal``).
+
+    A virtual machine's load average does not see its neighbours on a shared host: a case can
+    lose half its CPU with the load average at 1, and only the steal counter shows it.
+    """
+
+    def __init__(self) -> None:
+        self.load: list[float] = []  # every case run, in the order run
+        self.steal: dict[str, list[float]] = {}  # per case, one share per run
+
+    @contextlib.contextmanager
+    def run(self, case: str) -> Iterator[None]:
+        self.load.append(os.getloadavg()[0])
+        before = _cpu_jiffies()
+        yield
+        after = _cpu_jiffies()
+        if before and after and after[1] > before[1]:
+            self.steal.setdefault(case, []).append(round((after[0] - before[0]) / (after[1] - before[1]), 3))
+
+    def params(self, case: str) -> dict[str, Any]:
+        """For a case's ``Result.params``: the run's load averages and this case's steal per run."""
+        out: dict[str, Any] = {"load_avg_1m": [round(x, 2) for x in self.load]}
+        if case in self.steal:
+            out["cpu_steal"] = self.steal[case]
+        return out
+
+
+
+def steal_note(results: list[dict[str, Any]]) -> str | None:
+    """A line naming the cases (``Result.to_dict()`` records) that lost more than ``STEAL_NOTE`` of the
+    machine's CPU time to other guests in one of their runs; None when none did or none was measured."""
+    worst: dict[str, float] = {}
+    for r in results:
+        steal = r.get("params", {}).get("cpu_steal") or []
+        if steal and max(steal) > STEAL_NOTE:
+            worst[r["case"]] = max(worst.get(r["case"], 0.0), max(steal))
+    if not worst:
+        return None
+    cases = ", ".join(f"{c} {v:.0%}" for c, v in sorted(worst.items(), key=lambda kv: -kv[1]))
+    return (f"the hypervisor gave CPU time to other guests during some runs (steal, worst run: {cases}); "
+            "ratios with those cases are unreliable: rerun on a quiet host")
+
+
+def print_steal_note(results: list[Result]) -> None:
+    """Print ``steal_note`` for a stage module's results, when there is one."""
+    note = steal_note([r.to_dict() for r in results])
+    if note:
+        print(f"note: {note}")
 
 
 def now_utc() -> str:

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import Ratio, Result, machine_info, now_utc, ratio
+from benchmarks.common import HostLoad, Ratio, Result, machine_info, now_utc, print_steal_note, ratio
 from benchmarks.images import make_imagenet_like
 from benchmarks.report import report_if_asked, stage_options
 from pipeline.cli import main as cli_main
@@ -256,16 +256,16 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
         plan += [(f"resize {name}", "case", graph_case("resize", v), {"resize": v})
                  for name, v in RESIZE_VARIANTS.items()]
     rates: dict[str, list[float]] = {name: [] for name, *_ in plan}
-    load = []
+    host = HostLoad()
     for _ in range(repeats):
         for name, _, once, _ in plan:
-            load.append(os.getloadavg()[0])
-            rates[name].append(once())
+            with host.run(name):
+                rates[name].append(once())
     pool.shutdown()
     psnr = _psnr_of_variants(shard_dir, batch, cores)
     results = []
     for name, role, _, extra in plan:
-        p = {**params, **extra, "load_avg_1m": [round(x, 2) for x in load]}
+        p = {**params, **extra, **host.params(name)}
         if name.startswith("resize "):
             db = psnr[name[len("resize "):]]
             p["psnr_db_vs_loader_resize"] = round(db, 2) if db != float("inf") else "identical output"
@@ -310,6 +310,7 @@ def _print(results: list[Result], ratios: list[Ratio]) -> None:
               + ("" if psnr is None else f"  PSNR {psnr} dB vs loader resize"))
     for g in ratios:
         print(g.line())
+    print_steal_note(results)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import steal_note
 from pipeline.fileio import write_atomic
 
 _ROLE_COLOURS = {"case": "#1f77b4", "baseline": "#ff7f0e", "limit": "#7f7f7f"}
@@ -104,6 +105,9 @@ def markdown(payload: dict[str, Any]) -> str:
             goal = "—" if g["goal"] is None else f"≥ {g['goal']:g}"
             met = {True: "yes", False: "**no**", None: "—"}[g["met"]]
             lines.append(f"| {g['name']} | {g['value']:.2f} | {goal} | {met} |")
+    note = steal_note(payload["results"])
+    if note:
+        lines += ["", f"**Noisy host:** {note}."]
     if payload.get("errors"):
         lines += ["", "Stages that failed:"]
         lines += [f"- {stage}: `{err}`" for stage, err in payload["errors"].items()]

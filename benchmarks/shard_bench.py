@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import Ratio, Result, machine_info, now_utc, ratio
+from benchmarks.common import HostLoad, Ratio, Result, machine_info, now_utc, print_steal_note, ratio
 from benchmarks.images import make_imagenet_like
 from benchmarks.report import report_if_asked, stage_options
 from pipeline.shard import preprocess
@@ -131,20 +131,20 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
         plan += [(f"start-up {w}w", "startup", lambda w=w: build_run(w, source=tiny, shard_size=1), {"workers": w})
                  for w in counts]
         secs: dict[str, list[float]] = {name: [] for name, *_ in plan}
-        load: list[float] = []
+        host = HostLoad()
         for _ in range(repeats):
             for name, _, fn, _ in plan:
-                load.append(os.getloadavg()[0])
-                secs[name].append(fn())
+                with host.run(name):
+                    secs[name].append(fn())
 
         results: list[Result] = []
         common = {"images": len(files), "source_mb": round(nbytes / 1e6, 1), "samples_per_shard": per_shard,
-                  "shards": len(chunks), "load_avg_1m": [round(x, 2) for x in load]}
+                  "shards": len(chunks)}
         for name, role, _, params in plan:
+            p = {**common, **params, **host.params(name)}
             if role == "startup":
-                results.append(Result("shard", name, "baseline", "startup_s", "s", secs[name], {**common, **params}))
+                results.append(Result("shard", name, "baseline", "startup_s", "s", secs[name], p))
                 continue
-            p = {**common, **params}
             results.append(Result("shard", name, role, "images_per_s", "images/s",
                                   [len(files) / s for s in secs[name]], p))
             results.append(Result("shard", name, role, "mb_per_s", "MB/s", [nbytes / 1e6 / s for s in secs[name]], p))
@@ -185,6 +185,7 @@ def main() -> None:
               f"{[round(v, 2) for v in r.values]}")
     for g in goals(results):
         print(g.line())
+    print_steal_note(results)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import FASHION_MNIST, Ratio, Result, machine_info, now_utc, ratio
+from benchmarks.common import FASHION_MNIST, HostLoad, Ratio, Result, machine_info, now_utc, print_steal_note, ratio
 from benchmarks.report import report_if_asked, stage_options
 from pipeline.train import hostmem
 
@@ -335,16 +335,17 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
         seen: dict[str, dict[str, Any]] = {}
         cpu: dict[str, dict[str, list[float]]] = {name: {} for name, *_ in plan}
         others: dict[str, dict[str, list[float]]] = {name: {} for name, *_ in plan}  # per kind of process
-        load: list[float] = []
+        host = HostLoad()
         for _ in range(repeats):
             for name, _, kind, workers in plan:
-                load.append(os.getloadavg()[0])
-                data = _one(name, kind, workers, shards, workdir, epochs)
+                with host.run(name):
+                    data = _one(name, kind, workers, shards, workdir, epochs)
                 warm = data["rates"][1:] or data["rates"]
                 rates[name].append(statistics.fmean(warm))
                 shares = "".join(f", {k} {v:.0%}" for k, v in data["cpu"].items())
-                print(f"[train bench] {name}: {rates[name][-1]:.1f} images/s (load average {load[-1]:.1f}{shares})",
-                      file=sys.stderr, flush=True)
+                steal = host.steal.get(name, [float("nan")])[-1]
+                print(f"[train bench] {name}: {rates[name][-1]:.1f} images/s (load average {host.load[-1]:.1f}, "
+                      f"steal {steal:.0%}{shares})", file=sys.stderr, flush=True)
                 seen[name] = data["settings"]
                 for key, share in data["cpu"].items():
                     cpu[name].setdefault(key, []).append(round(share, 3))
@@ -353,7 +354,7 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
         results = []
         for name, role, kind, workers in plan:
             params = {**seen[name], "epochs_measured": epochs - 1, "runs": repeats, "images": images,
-                      "load_avg_1m": [round(x, 2) for x in load], **cpu[name]}
+                      **host.params(name), **cpu[name]}
             if cpu[name]:
                 params["cpu_other_by_process"] = _top_kinds(others[name], repeats)
             if kind in ("ray", "ddp"):
@@ -407,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{[round(v) for v in r.values]}")
     for g in goals(results):
         print(g.line())
+    print_steal_note(results)
     return 0
 
 

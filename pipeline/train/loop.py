@@ -124,7 +124,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             meter = _train_epoch(w, epoch)
             if meter is None:
                 reason = w.control.stop_reason or "stop requested"
-                _say(w, f"stopped at step {w.state.global_step} ({reason}); resubmit the job to continue")
+                _say(w, f"stopped at step {w.state.global_step} ({reason})")  # the driver says how to continue
                 w.tracker.end("KILLED", reason=reason)
                 return
             val = _end_epoch(w, epoch, meter)

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipeline {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"pipeline {args.command}: interrupted", file=sys.stderr)
+        hint = getattr(args, "on_interrupt", None)  # what a command keeps of its work, if it says
+        print(f"pipeline {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
 
 

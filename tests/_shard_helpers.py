@@ -103,21 +103,22 @@ def dir_bytes(out: Path) -> dict[str, bytes]:
 
 
 def kill_build_after(cmd: list[str], out: Path, shards_done: int, *, cwd: Path | None = None,
-                     timeout: float = 120) -> int:
-    """Run a ``pipeline shard`` command in its own process group and SIGKILL the whole group (the build
-    and any pool workers, as a scheduler or the OOM killer would) once ``shards_done`` shards are
-    finished. Returns how many shards were done; fails if the build ended before it could be killed."""
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                     timeout: float = 120, sig: int = signal.SIGKILL, stderr=subprocess.DEVNULL) -> int:
+    """Run a ``pipeline shard`` command in its own process group and send ``sig`` to the whole group (the
+    build and any pool workers: SIGKILL as a scheduler or the OOM killer would, SIGINT as Ctrl-C in a
+    terminal does) once ``shards_done`` shards are finished. Returns how many shards were done; fails
+    if the build ended before the signal, or did not end as that signal should end it."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
     try:
         deadline = time.monotonic() + timeout
         while len(list(out.glob(".*.done.json"))) < shards_done:  # some shards finished, most not yet
             assert proc.poll() is None, "the build finished before it could be killed"
             assert time.monotonic() < deadline, f"fewer than {shards_done} shards done after {timeout} s"
             time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
     finally:
         proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == (130 if sig == signal.SIGINT else -sig)  # Ctrl-C: the CLI's own exit code
     assert not (out / "index.json").exists()
     return len(list(out.glob(".*.done.json")))

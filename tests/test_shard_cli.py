@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,19 @@ def test_sigkill_of_a_two_worker_build_then_resume_is_byte_identical(fmnist_dir,
     assert f"resuming: {done} of 60 shards already done" in resumed.stderr
     assert dir_bytes(out) == dir_bytes(ref)
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_ctrl_c_of_a_two_worker_build_says_so_once_and_the_rerun_continues(fmnist_dir, tmp_path):
+    """Ctrl-C (SIGINT to the build's process group, pool workers included): one line, exit 130, no
+    traceback from any process; the rerun continues from the finished shards."""
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "pipeline", "shard", str(fmnist_dir), str(out), "--limit", "1500",
+           "--samples-per-shard", "50", "--workers", "2", "--no-progress"]
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as f:
+        done = kill_build_after(cmd, out, 3, cwd=ROOT, sig=signal.SIGINT, stderr=f)
+    assert err.read_text().splitlines() == [
+        "pipeline shard: interrupted; finished shards are kept: run the same command again to continue"]
+    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {done} of 60 shards already done" in resumed.stderr

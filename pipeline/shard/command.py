@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--class-names", default=None, metavar="FILE",
                    help="'wnid human name' lines stored in index.json (default: LOC_synset_mapping.txt beside SOURCE)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
-    p.set_defaults(func=run_shard)
+    p.set_defaults(func=run_shard, on_interrupt="finished shards are kept: run the same command again to continue")
 
     v = subparsers.add_parser("verify", help="check shards against index.json",
                               description="Recompute checksums, parse every tar and idx, compare counts.")

@@ -151,3 +151,53 @@ def test_same_name_reuses_its_parent_only_with_the_same_definition(tmp_path):
     other = Sweep(config="fashion_mnist", grid=(parse_grid("optim.lr=0.1,0.3"),), name="again")
     with pytest.raises(UserError, match="already ran with another definition"):
         _start_parent(client, other, "/r/again", exp)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_trial_at_a_checkpoint_and_starts_no_other(swept, tmp_path):
+    """Ctrl-C (SIGINT to the sweep's process group): the running trial checkpoints and ends KILLED, the next
+    never starts, the parent run ends KILLED, one line says how to continue, exit code 130."""
+    import signal
+    import threading
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cmd = [str(Path(sys.executable).with_name("pipeline")), "sweep", "--config", "fashion_mnist", "--name", "cut",
+           "--grid", "optim.lr=0.002,0.004", "--max-concurrent", "1", "--set", f"data.shards={swept['shards']}",
+           "--set", "train.epochs=100", "--set", "tracking.log_model=false", "--set", "scaling.num_workers=1",
+           "--set", f"run.storage_path={tmp_path / 'ray_results'}", "--set", f"tracking.tracking_uri={uri}",
+           "--set", "tracking.experiment=sweeps"]
+    with temp_dir_under_tmp() as tmpdir:
+        env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS", None)
+        # A session of its own, SIGINT not ignored, as a terminal's foreground job.
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        try:
+            deadline = time.monotonic() + 300
+            while not any(": epoch 1 " in line for line in lines):
+                assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+                time.sleep(0.2)
+            os.killpg(proc.pid, signal.SIGINT)
+            err = proc.stderr.read()
+            proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # this test's own session only
+        reader.join(timeout=10)
+    out = "".join(lines)
+    assert proc.returncode == 130, out + err
+    assert [ln for ln in err.splitlines() if ln.startswith("pipeline sweep:")] == [
+        "pipeline sweep: stopped by SIGINT to the driver: 1 trial(s) stopped after a checkpoint, 1 not started; "
+        "run the same command again to continue"], err
+    assert "trial 1/2 (optim.lr=0.002): stopped (SIGINT to the driver)" in out, out
+    assert "Traceback" not in out + err and "Trial trainable_" not in out + err, out + err  # nor Tune's own lines
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("pipeline.sweep_trial") == "parent")
+    assert parent.info.status == "KILLED" and parent.data.tags["pipeline.end_reason"] == "SIGINT to the driver"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert [(c.data.params["optim.lr"], c.info.status) for c in children] == [("0.002", "KILLED")]

@@ -286,9 +286,9 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
                 callbacks=list(callbacks),
             ),
         )
-        with stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled=local_storage) as handled, \
+        with stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled=local_storage) as signals, \
                 _controller_env(cfg):
-            if handled:  # Ray Train V2's fit() puts a SIGINT handler over ours that aborts without a checkpoint
+            if signals.handled:  # Ray Train V2's fit() puts a SIGINT handler over ours: an abort, no checkpoint
                 trainer._register_sigint_handler = lambda controller: None  # Ctrl-C stops as SIGTERM does
             try:
                 result = trainer.fit()

@@ -27,9 +27,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -156,39 +158,52 @@ class Control:
         return bool(flags[0]), bool(flags[1]), int(flags[2])
 
 
-@contextmanager
-def stop_on_signals(storage_dir: str | Path, timeout_s: float, enabled: bool = True) -> Iterator[bool]:
-    """While the driver waits for the job: SIGTERM/SIGINT ask the workers for a checkpoint and a stop.
+@dataclass
+class SignalStop:
+    """What ``stop_on_signals`` did: whether its handlers are in place, and the first signal's name once one came."""
 
-    Yields True when the handlers are in place, False when disabled or off the main thread;
-    code that sets its own handlers later must be kept from doing so. If the job has not ended
-    ``timeout_s`` after the signal (plus a little for Ray to return), the driver exits
+    handled: bool
+    signal: str | None = None
+
+
+@contextmanager
+def stop_on_signals(storage_dirs: str | Path | Sequence[str | Path], timeout_s: float,
+                    enabled: bool = True) -> Iterator[SignalStop]:
+    """While the driver waits for its job(s): SIGTERM/SIGINT ask the workers for a checkpoint and a stop.
+
+    The request goes to every job in ``storage_dirs`` (a sweep's trials: those not started yet
+    see it before they start). ``handled`` is False when disabled or off the main thread; code
+    that would set its own handlers later must then be kept from doing so. If the jobs have not
+    ended ``timeout_s`` after the signal (plus a little for Ray to return), the driver exits
     anyway; a second signal exits at once.
     """
-    got: dict[str, str] = {}  # "signal": the first one's name
+    dirs = [storage_dirs] if isinstance(storage_dirs, (str, Path)) else list(storage_dirs)
+    state = SignalStop(handled=False)
 
     def handler(signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        if got:
+        if state.signal:
             print(f"[pipeline] {name} again: exiting now without waiting for the checkpoint", file=sys.stderr,
                   flush=True)
             os._exit(128 + signum)
-        got["signal"] = name
-        request_stop(storage_dir, f"{name} to the driver")
+        state.signal = name
+        for d in dirs:
+            request_stop(d, f"{name} to the driver")
         print(f"[pipeline] {name}: checkpointing at the next step, then stopping (up to {timeout_s:.0f} s)",
               file=sys.stderr, flush=True)
         threading.Thread(target=_deadline, args=(timeout_s, signum), daemon=True).start()
 
     if not enabled or threading.current_thread() is not threading.main_thread():
-        yield False  # signals reach only the main thread; an embedding caller keeps its own handlers
+        yield state  # signals reach only the main thread; an embedding caller keeps its own handlers
         return
     note = job_stop_wait_note(timeout_s)
     if note:
         print(note, file=sys.stderr, flush=True)
     # Replaces the handlers Ray's core installs on the driver, which dump a native stack and abort (exit 134).
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    state.handled = True
     try:
-        yield True
+        yield state
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -280,4 +295,4 @@ def _deadline(timeout_s: float, signum: int) -> None:
 
 
 __all__ = ["Control", "STOP_FILE", "clear_stop", "drop_worker_stop", "exit_code", "job_stop_wait_note", "read_stop",
-           "request_stop", "stop_on_signals", "stop_on_worker_sigterm", "stop_path"]
+           "request_stop", "SignalStop", "stop_on_signals", "stop_on_worker_sigterm", "stop_path"]

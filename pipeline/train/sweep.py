@@ -13,7 +13,10 @@ non-zero with a summary.
 Keys and values are checked against the config schema before anything starts;
 what only a run can find out (a missing shard directory, a diverging lr) fails
 its own trial. Trial ``i`` of sweep ``NAME`` is the job ``run.name=NAME-i``, so
-running the same sweep again resumes its trials from their checkpoints.
+running the same sweep again resumes its trials from their checkpoints. SIGTERM or
+SIGINT to the sweep's driver writes a stop request into every trial's job
+directory (``pipeline.train.preempt``): running trials checkpoint and stop, the
+others see it before they start and return at once.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import itertools
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -155,6 +159,10 @@ class _Job:
     def trial_name(self, index: int) -> str:
         return f"{self.sweep.name}-{index:03d}"
 
+    def trial_dir(self, index: int) -> str:
+        """The trial's job directory: its checkpoints and its stop request (``pipeline.train.preempt``)."""
+        return f"{self.fixed_storage.rstrip('/')}/{self.trial_name(index)}"
+
     def overrides(self, index: int) -> list[str]:
         point = [f"{k}={v}" for k, v in self.points[index].items()]
         return [*self.fixed, *self.sweep.overrides, *point, f"run.name={self.trial_name(index)}"]
@@ -178,6 +186,11 @@ def run_trial(job: _Job, index: int) -> None:
     from pipeline.train.config import load_config
     from pipeline.train.launch import fit
 
+    from pipeline.fileio import is_uri
+    from pipeline.train.preempt import read_stop
+
+    if not is_uri(job.trial_dir(index)) and read_stop(job.trial_dir(index)):
+        return  # the sweep was stopped before this trial began (its job would clear the request)
     try:
         cfg = load_config(job.sweep.config, job.overrides(index))
         fit(cfg, verbose=job.verbose, console=False, run_tags=job.tags(index), callbacks=(TuneReportCallback(),))
@@ -265,26 +278,49 @@ def _start_parent(client, sweep: Sweep, key: str, experiment_id: str) -> str:
 
 
 class _Reporter:
-    """Tune callback on the driver: one line per trial start, epoch, end and failure."""
+    """Tune callback on the driver: one line per trial start, epoch, end and failure.
+
+    A ``TrialProgressCallback``, so that Tune does not add its own, which prints every
+    result dict (and "Trial … completed. Last result:" for a trial the sweep's stop
+    kept from starting); with ``--verbose`` its lines are printed too.
+    """
 
     def __new__(cls, job: _Job):
-        from ray import tune
+        from ray.tune.progress_reporter import TrialProgressCallback
 
-        class Reporter(tune.Callback):
+        class Reporter(TrialProgressCallback):
             def on_trial_start(self, iteration, trials, trial, **info):
                 print(f"[pipeline] {_describe(job, trial)}: started", flush=True)
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
+                if job.verbose:
+                    super().on_trial_result(iteration, trials, trial, result, **info)
+                if "val_loss" not in result:
+                    return  # a mid-epoch checkpoint's report (a stop), not an epoch's end
                 figures = " ".join(f"{k} {result[k]:.4f}" for k in ("val_top1", "val_loss") if k in result)
                 print(f"[pipeline] {_describe(job, trial)}: epoch {result.get('epoch', '?')} {figures}", flush=True)
 
             def on_trial_complete(self, iteration, trials, trial, **info):
-                print(f"[pipeline] {_describe(job, trial)}: finished", flush=True)
+                if job.verbose:
+                    super().on_trial_complete(iteration, trials, trial, **info)
+                stopped = _stop_reason(job, trial.config["trial"])
+                print(f"[pipeline] {_describe(job, trial)}: " + (f"stopped ({stopped})" if stopped else "finished"),
+                      flush=True)
 
             def on_trial_error(self, iteration, trials, trial, **info):
+                if job.verbose:
+                    super().on_trial_error(iteration, trials, trial, **info)
                 print(f"[pipeline] {_describe(job, trial)}: FAILED", flush=True)
 
         return Reporter()
+
+
+def _stop_reason(job: _Job, index: int) -> str | None:
+    """Why trial ``index`` was stopped before its end (a stop request left in its job directory), or None."""
+    from pipeline.fileio import is_uri
+    from pipeline.train.preempt import read_stop
+
+    return None if is_uri(job.trial_dir(index)) else read_stop(job.trial_dir(index))
 
 
 def _describe(job: _Job, trial) -> str:
@@ -349,7 +385,9 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
     """Validate, run every trial, log the table and plot to the parent, print the summary; 1 if any trial failed."""
     import mlflow
 
-    from pipeline.train.launch import _ensure_ray, resolve_paths
+    from pipeline.fileio import is_uri
+    from pipeline.train.launch import _create_sqlite_store, _ensure_ray, resolve_paths
+    from pipeline.train.preempt import clear_stop, exit_code, stop_on_signals
     from pipeline.train.runs import format_table
     from pipeline.train.tracking import default_artifact_location, resolve_tracking_uri
 
@@ -363,6 +401,8 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
     tracking_uri = resolve_tracking_uri(base.tracking.tracking_uri)
     fixed = (f"data.shards={base.data.shards}", f"run.storage_path={base.run.storage_path}",
              f"tracking.tracking_uri={tracking_uri}")
+    if tracking_uri.startswith("sqlite:///"):
+        _create_sqlite_store(tracking_uri, verbose)
     client = mlflow.MlflowClient(tracking_uri)
     exp_id = _experiment_id(client, base.tracking.experiment,
                             default_artifact_location(tracking_uri, base.tracking.artifact_location))
@@ -373,10 +413,24 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
     concurrency = max_concurrent or _default_concurrency(base)
     print(f"[pipeline] sweep {sweep.name}: {len(points)} trial(s) of {sweep.config}, {concurrency} at a time; "
           f"MLflow parent run {parent_id}", flush=True)
-    errors = _run_tune(job, concurrency)
+    local = not is_uri(job.fixed_storage)
+    trial_dirs = [job.trial_dir(i) for i in range(len(points))] if local else []
+    for d in trial_dirs:
+        clear_stop(d)  # a stop of an earlier, interrupted start of this sweep is not for this one
+    # SIGTERM/SIGINT (Ctrl-C, `ray job stop`): running trials checkpoint and stop, the others do not start.
+    with stop_on_signals(trial_dirs, base.run.preempt_timeout_s, enabled=local) as signals:
+        tune_sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        if signals.handled:  # Tune's own handler would end the trials without their checkpoints
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        try:
+            errors = _run_tune(job, concurrency)
+        finally:
+            if signals.handled:
+                _restore_env("TUNE_DISABLE_SIGINT_HANDLER", tune_sigint)
+    stopped = f"{signals.signal} to the driver" if signals.signal else None
     rows = trial_rows(client, exp_id, job, errors)
     best = _best(rows, sweep.metric)
-    _log_parent(client, parent_id, job, rows, best, errors)
+    _log_parent(client, parent_id, job, rows, best, errors, stopped)
     columns = ["trial", "status", *sweep.keys, *TABLE_METRICS, "run"]
     print(format_table([{**r, "run": r["run_id"][:8]} for r in rows], columns))
     if best is not None:
@@ -386,8 +440,20 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
         print(f"{len(errors)} of {len(points)} trial(s) failed:")
         for index, error in sorted(errors.items()):
             print(f"  trial {index + 1} ({' '.join(f'{k}={v}' for k, v in points[index].items())}): {error}")
-        return 1
-    return 0
+    if stopped:
+        cut = sum(1 for r in rows if r["status"] == "KILLED")
+        unstarted = sum(1 for r in rows if r["status"] == "MISSING")
+        print(f"pipeline sweep: stopped by {stopped}: {cut} trial(s) stopped after a checkpoint, {unstarted} not "
+              f"started; run the same command again to continue", file=sys.stderr)
+        return exit_code(stopped)
+    return 1 if errors else 0
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 def trial_rows(client, experiment_id: str, job: _Job, errors: dict[int, str]) -> list[dict[str, Any]]:
@@ -422,8 +488,10 @@ def _best(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
     return max(done, key=lambda r: sign * r[metric])
 
 
-def _log_parent(client, parent_id: str, job: _Job, rows: list[dict[str, Any]], best, errors) -> None:
-    """trials.csv, sweep.png, the best trial as tags and metric; FAILED when any trial failed."""
+def _log_parent(client, parent_id: str, job: _Job, rows: list[dict[str, Any]], best, errors,
+                stopped: str | None = None) -> None:
+    """trials.csv, sweep.png, the best trial as tags and metric; FAILED when any trial failed, else KILLED
+    when the sweep was stopped (``stopped``: why, also the tag ``pipeline.end_reason``)."""
     import csv
     import io
 
@@ -443,7 +511,9 @@ def _log_parent(client, parent_id: str, job: _Job, rows: list[dict[str, Any]], b
         client.set_tag(parent_id, "pipeline.best_run_id", best["run_id"])
         client.log_metric(parent_id, f"best_{job.sweep.metric}", float(best[job.sweep.metric]))
     client.set_tag(parent_id, "pipeline.failed_trials", str(len(errors)))
-    client.set_terminated(parent_id, status="FAILED" if errors else "FINISHED")
+    if stopped:
+        client.set_tag(parent_id, "pipeline.end_reason", stopped)
+    client.set_terminated(parent_id, status="FAILED" if errors else "KILLED" if stopped else "FINISHED")
 
 
 def sweep_figure(rows: list[dict[str, Any]], sweep: Sweep):
@@ -514,7 +584,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                 "(default: <config>-sweep-<time>)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default 0)")
     p.add_argument("--verbose", action="store_true", help="also show Ray's, Tune's and Ray Train's own lines")
-    p.set_defaults(func=_cli)
+    p.set_defaults(func=_cli, on_interrupt="run the same command again to continue")
 
 
 def _cli(args: argparse.Namespace) -> int:

@@ -57,6 +57,8 @@ def _ensure_ray(cfg: TrainConfig, verbose: bool = False) -> None:
 
     if ray.is_initialized():
         return
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(Worker pid=…)" prefixes: no colour codes in a log
     options = ray_init_options(verbose)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, **options)  # the cluster of `ray job submit` or an explicit RAY_ADDRESS
@@ -221,11 +223,13 @@ def _create_sqlite_store(uri: str, verbose: bool = False) -> None:
 
 
 def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_tags: dict[str, str] | None = None,
-        callbacks: tuple = ()) -> TrainResult:
+        callbacks: tuple = (), stop_requests: bool = False) -> TrainResult:
     """Train ``cfg`` on Ray Train; a job with the same ``run.name`` and storage path resumes from its checkpoint.
 
     ``console``: print rank 0's progress here (a sweep reports its trials itself). ``run_tags``: extra tags
     for the job's MLflow run (a sweep's parent). ``callbacks``: more Ray Train callbacks (Tune's reporter).
+    ``stop_requests``: a stop request already in the job's directory is for this job (a sweep's driver
+    cleared old ones before its trials started, and writes new ones on a signal), not one to remove.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -264,7 +268,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
         "index_sha256": index_digest(cfg.data.shards),  # every worker's node must see this very index.json
         "run_tags": dict(run_tags or {}),
     }
-    if local_storage:
+    if local_storage and not stop_requests:
         clear_stop(storage_dir)  # a request left by the previous submission is not for this one
     _ensure_ray(cfg, verbose)
     if not verbose:

@@ -190,10 +190,11 @@ def run_trial(job: _Job, index: int) -> None:
     from pipeline.train.preempt import read_stop
 
     if not is_uri(job.trial_dir(index)) and read_stop(job.trial_dir(index)):
-        return  # the sweep was stopped before this trial began (its job would clear the request)
+        return  # the sweep was stopped before this trial began
     try:
         cfg = load_config(job.sweep.config, job.overrides(index))
-        fit(cfg, verbose=job.verbose, console=False, run_tags=job.tags(index), callbacks=(TuneReportCallback(),))
+        fit(cfg, verbose=job.verbose, console=False, run_tags=job.tags(index), callbacks=(TuneReportCallback(),),
+            stop_requests=True)  # a Ctrl-C between the check above and the job's start still stops it
     except BaseException as exc:
         _record_failure(job, index, exc)
         raise

@@ -257,6 +257,7 @@ def _lose_node_mid_run(cluster, tmp_path: Path, run: str, epochs: int, *sets: st
     # What Ray's processes logged about the fault reaches the console as each traceback's last line.
     assert "Traceback (most recent call last)" not in out and '  File "' not in out, out[-4000:]
     assert "View run" not in out, out[-4000:]  # MLflow's own line at each worker group's end
+    assert "\x1b[" not in out, out[-4000:]  # Ray's prefixes of its processes' lines, uncoloured in a log
 
 
 def _assert_one_run_every_epoch_once(cluster, experiment: str, epochs: int):

@@ -186,10 +186,7 @@ def run_trial(job: _Job, index: int) -> None:
     from pipeline.train.config import load_config
     from pipeline.train.launch import fit
 
-    from pipeline.fileio import is_uri
-    from pipeline.train.preempt import read_stop
-
-    if not is_uri(job.trial_dir(index)) and read_stop(job.trial_dir(index)):
+    if _stop_reason(job, index):
         return  # the sweep was stopped before this trial began
     try:
         cfg = load_config(job.sweep.config, job.overrides(index))
@@ -387,7 +384,7 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
     import mlflow
 
     from pipeline.fileio import is_uri
-    from pipeline.train.launch import _create_sqlite_store, _ensure_ray, resolve_paths
+    from pipeline.train.launch import _create_sqlite_store, _ensure_ray, _environ, resolve_paths
     from pipeline.train.preempt import clear_stop, exit_code, stop_on_signals
     from pipeline.train.runs import format_table
     from pipeline.train.tracking import default_artifact_location, resolve_tracking_uri
@@ -420,14 +417,9 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
         clear_stop(d)  # a stop of an earlier, interrupted start of this sweep is not for this one
     # SIGTERM/SIGINT (Ctrl-C, `ray job stop`): running trials checkpoint and stop, the others do not start.
     with stop_on_signals(trial_dirs, base.run.preempt_timeout_s, enabled=local) as signals:
-        tune_sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-        if signals.handled:  # Tune's own handler would end the trials without their checkpoints
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-        try:
+        # Tune's own SIGINT handler would end the trials without their checkpoints.
+        with _environ({"TUNE_DISABLE_SIGINT_HANDLER": "1"} if signals.handled else {}):
             errors = _run_tune(job, concurrency)
-        finally:
-            if signals.handled:
-                _restore_env("TUNE_DISABLE_SIGINT_HANDLER", tune_sigint)
     stopped = f"{signals.signal} to the driver" if signals.signal else None
     rows = trial_rows(client, exp_id, job, errors)
     best = _best(rows, sweep.metric)
@@ -449,12 +441,6 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
         return exit_code(stopped)
     return 1 if errors else 0
 
-
-def _restore_env(key: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = value
 
 
 def trial_rows(client, experiment_id: str, job: _Job, errors: dict[int, str]) -> list[dict[str, Any]]:

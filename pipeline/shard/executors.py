@@ -7,6 +7,7 @@ tasks are spread over the cluster's nodes; ``nodes`` counts the tasks each node 
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import socket
 import threading
 from collections import Counter
@@ -45,16 +46,38 @@ def _write_on_node(plan: ShardPlan, config: ShardConfig) -> tuple[ShardResult, s
     return write_shard(plan, config), ray.util.get_node_ip_address() or socket.gethostname()
 
 
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """A local pool of ``workers`` processes whose Ctrl-C is quiet.
+
+    fork starts workers in milliseconds but is unsafe once the caller runs threads (a Ray
+    driver, MLflow); then forkserver (about a second of start-up, on a 2-core VM) is used.
+    """
+    ctx = multiprocessing.get_context("fork" if threading.active_count() == 1 else "forkserver")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_on_sigint)
+
+
+def _exit_on_sigint() -> None:
+    """In a pool worker: Ctrl-C (SIGINT to the whole process group) ends it without a traceback.
+
+    The default KeyboardInterrupt made every idle worker print one ("Process ForkProcess-1:
+    Traceback …") around the main process's one line. SystemExit ends an idle worker quietly;
+    in a task it unwinds the same cleanup as KeyboardInterrupt did (temporary files removed)
+    and reaches the main process, which is stopping anyway.
+    """
+    signal.signal(signal.SIGINT, _raise_exit)
+
+
+def _raise_exit(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _run_local(plans: list[ShardPlan], config: ShardConfig) -> Iterator[ShardResult]:
     workers = min(config.workers, len(plans))
     if workers == 1:
         for p in plans:  # in-process: no pool start-up, and tracebacks stay simple
             yield write_shard(p, config)
         return
-    # fork starts workers in milliseconds but is unsafe once the caller runs threads (a Ray
-    # driver, MLflow); then forkserver (about a second of start-up, on a 2-core VM) is used.
-    ctx = multiprocessing.get_context("fork" if threading.active_count() == 1 else "forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with process_pool(workers) as pool:
         pending = {pool.submit(write_shard, p, config) for p in plans}
         try:
             while pending:

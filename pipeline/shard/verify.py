@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import multiprocessing
 import os
 import tarfile
-import threading
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from pipeline.shard.executors import process_pool
 from pipeline.shard.manifest import read_manifest
 from pipeline.shard.write import idx_text
 
@@ -47,9 +45,7 @@ def verify(out_dir: str | Path, *, decode: bool = False, workers: int | None = N
     if workers == 1:
         outcomes = [_verify_job(a) for a in args]
     else:
-        # As in the shard executor: fork unless the caller runs threads.
-        ctx = multiprocessing.get_context("fork" if threading.active_count() == 1 else "forkserver")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with process_pool(workers) as pool:
             # Shards are large (seconds each at the default size): a small chunk keeps the cores even.
             outcomes = list(pool.map(_verify_job, args, chunksize=max(1, len(args) // (workers * 16))))
     found_in: dict[str, int] = {split: 0 for split in manifest["splits"]}

@@ -263,8 +263,9 @@ class DriverConsole:
             self._close_bar()
             # Size per epoch: tqdm hides its bar on a terminal that reports 0×0 (a bare pty).
             size = shutil.get_terminal_size((100, 24))
-            self._bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="step", file=self.stream,
-                             ncols=size.columns, nrows=size.lines, leave=False)
+            # From the step this first event reports: a rate over the steps before would be per nothing.
+            self._bar = tqdm(total=steps, initial=step, desc=f"epoch {epoch}/{epochs}", unit="step",
+                             file=self.stream, ncols=size.columns, nrows=size.lines, leave=False)
             self._bar_epoch = epoch
         self._bar.update(step - self._bar.n)
         if figures is not None:

@@ -158,6 +158,16 @@ class Control:
         return bool(flags[0]), bool(flags[1]), int(flags[2])
 
 
+def _driver_line(text: str) -> None:
+    """A line on the driver's stderr, above the progress bar the console may be drawing on the terminal."""
+    tqdm = sys.modules.get("tqdm")  # imported by the console once it drew a bar
+    if tqdm is not None:
+        tqdm.tqdm.write(text, file=sys.stderr)  # clears the bar, writes, draws it again
+        sys.stderr.flush()
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
 @dataclass
 class SignalStop:
     """What ``stop_on_signals`` did: whether its handlers are in place, and the first signal's name once one came."""
@@ -183,14 +193,12 @@ def stop_on_signals(storage_dirs: str | Path | Sequence[str | Path], timeout_s: 
     def handler(signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if state.signal:
-            print(f"[pipeline] {name} again: exiting now without waiting for the checkpoint", file=sys.stderr,
-                  flush=True)
+            _driver_line(f"[pipeline] {name} again: exiting now without waiting for the checkpoint")
             os._exit(128 + signum)
         state.signal = name
         for d in dirs:
             request_stop(d, f"{name} to the driver")
-        print(f"[pipeline] {name}: checkpointing at the next step, then stopping (up to {timeout_s:.0f} s)",
-              file=sys.stderr, flush=True)
+        _driver_line(f"[pipeline] {name}: checkpointing at the next step, then stopping (up to {timeout_s:.0f} s)")
         threading.Thread(target=_deadline, args=(timeout_s, signum), daemon=True).start()
 
     if not enabled or threading.current_thread() is not threading.main_thread():
@@ -289,8 +297,8 @@ def exit_code(reason: str) -> int:
 
 def _deadline(timeout_s: float, signum: int) -> None:
     time.sleep(timeout_s + DEADLINE_SLACK_S)  # the workers' budget, plus Ray's time to return their result
-    print(f"[pipeline] stopped without a checkpoint: the job did not stop within {timeout_s:.0f} s of "
-          f"{signal.Signals(signum).name}", file=sys.stderr, flush=True)
+    _driver_line(f"[pipeline] stopped without a checkpoint: the job did not stop within {timeout_s:.0f} s of "
+                 f"{signal.Signals(signum).name}")
     os._exit(128 + signum)
 
 

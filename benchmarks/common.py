@@ -148,7 +148,6 @@ class HostLoad:
         return out
 
 
-
 def steal_note(results: list[dict[str, Any]]) -> str | None:
     """A line naming the cases (``Result.to_dict()`` records) that lost more than ``STEAL_NOTE`` of the
     machine's CPU time to other guests in one of their runs; None when none did or none was measured."""

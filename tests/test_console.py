@@ -46,6 +46,12 @@ def test_plain_console_prints_log_steps_and_one_line_per_epoch():
                      "512 img/s data-wait 10% (2.5 s)"]
 
 
+def test_an_epoch_without_validation_says_only_its_training_figures():
+    no_val = {k: v for k, v in EPOCH.items() if not k.startswith("val_")}  # train.val_every_epochs skipped it
+    assert format_event(("epoch", 1, 4, no_val)) == (
+        "[pipeline] epoch 1/4: train_loss 1.5000 512 img/s data-wait 10% (2.5 s)")
+
+
 def test_tty_console_draws_a_bar_instead_of_step_lines():
     out = io.StringIO()
     console = DriverConsole(tty=True, stream=out)

@@ -15,13 +15,17 @@ from pipeline.train.tracking import Tracker, spool_dir_for
 from pipeline.train.tracking_queue import Spool
 
 
+def _epoch(loss: float) -> dict[str, float]:
+    return {"train_loss": loss, "val_loss": loss}
+
+
 def test_tracker_reuses_the_job_run_and_never_repeats_an_epoch(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     key = str(tmp_path / "storage" / "job")
     cfg = {"train": {"epochs": 2}, "run": {"name": "job"}}
     first = Tracker(uri, "exp", (tmp_path / "art").as_uri())
     first.start(key, "job", cfg)
-    assert first.log_epoch(1, {"val_loss": 1.0}) and first.log_step(10, {"step_train_loss": 2.0})
+    assert first.log_epoch(1, _epoch(1.0)) and first.log_step(10, {"step_train_loss": 2.0})
     for d in (tmp_path / "storage" / "job" / "best", tmp_path / "elsewhere"):  # kept in the job dir / copied
         d.mkdir()
         (d / "weights.txt").write_text(d.name)
@@ -36,25 +40,49 @@ def test_tracker_reuses_the_job_run_and_never_repeats_an_epoch(tmp_path):
     again = Tracker(uri, "exp")
     again.start(key, "job", {"train": {"epochs": 3}, "run": {"name": "job"}})
     assert again.resumed and again.last_epoch == 1 and again.last_step == 10
-    assert not again.log_epoch(1, {"val_loss": 9.0})
-    assert again.log_epoch(2, {"val_loss": 0.5})
+    assert not again.log_epoch(1, _epoch(9.0))
+    assert again.log_epoch(2, _epoch(0.5))
     assert again.end() == 0 and again.run_id == run_id
     # Even without its spool, a job finds its run on the server and logs no epoch twice.
     shutil.rmtree(spool_dir_for(key))
     lost = Tracker(uri, "exp")
     lost.start(key, "job", cfg)
-    lost.log_epoch(2, {"val_loss": 7.0})
-    lost.log_epoch(3, {"val_loss": 0.25})
+    lost.log_epoch(2, _epoch(7.0))
+    lost.log_epoch(3, {"train_loss": 0.25})  # an epoch that did not validate
     assert lost.end() == 0 and lost.run_id == run_id
     run = client.get_run(run_id)
     hist = [(m.step, m.value) for m in client.get_metric_history(run_id, "val_loss")]
-    assert sorted(hist) == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    assert sorted(hist) == [(1, 1.0), (2, 0.5)]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train_loss")) == [
+        (1, 1.0), (2, 0.5), (3, 0.25)]
     assert run.info.status == "FINISHED" and run.data.tags["pipeline.resumes"] == "2"
     assert run.data.params["train.epochs"] == "2"  # params are immutable; the change is a tag
     assert any("train.epochs: 2 -> 3" in v for v in run.data.tags.values())
     other = Tracker(uri, "exp")
     other.start(str(tmp_path / "storage" / "other"), "other", cfg)
     assert other.end() == 0 and other.run_id != run_id
+
+
+def test_a_spool_of_an_earlier_version_still_says_which_epochs_are_logged(tmp_path):
+    """Spooled epoch records were once filed under ``val_loss``; a job resumed from such a spool logs no epoch twice."""
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    key = str(tmp_path / "storage" / "job")
+    first = Tracker(uri, "exp")
+    first.start(key, "job", {})
+    assert first.log_epoch(1, _epoch(1.0)) and first.end("KILLED") == 0
+    for path in spool_dir_for(key).rglob("*"):
+        if path.is_file() and b'"family":"train_loss"' in path.read_bytes():  # same length: the cursor holds
+            path.write_bytes(path.read_bytes().replace(b'"family":"train_loss"', b'"family":"val_loss"  '))
+            break
+    else:
+        pytest.fail("no spooled epoch record")
+    again = Tracker(uri, "exp")
+    again.start(key, "job", {})
+    assert again.last_epoch == 1 and not again.log_epoch(1, _epoch(5.0))
+    assert again.log_epoch(2, _epoch(0.5)) and again.end() == 0
+    client = mlflow.MlflowClient(uri)
+    assert sorted((m.step, m.value) for m in client.get_metric_history(first.run_id, "train_loss")) == [
+        (1, 1.0), (2, 0.5)]
 
 
 def test_spool_drops_a_torn_last_line_and_sync_sends_the_rest(tmp_path, capsys):

@@ -46,11 +46,31 @@ def test_stable_keys_and_overrides():
     (["model.name=vgg"], "allowed values: seed_cnn, cifar_cnn, fmnist_resnet, resnet18, resnet50"),
     (["run.name=a b"], "run: name 'a b'"),
     (["scaling.group_start_timeout_s=0"], "group_start_timeout_s must be > 0 or null"),
+    (["train.val_every_epochs=-1"], "val_every_epochs must be >= 0"),
 ])
 def test_bad_values_are_one_clear_error(override, needle):
     with pytest.raises(UserError, match=None) as exc:
         load_config("fashion_mnist", override)
     assert needle in str(exc.value)
+
+
+@pytest.mark.parametrize("every, validated", [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5]), (3, [3, 5]), (0, [5]),
+                                              (9, [5])])
+def test_validation_runs_every_n_epochs_and_after_the_last(every, validated):
+    train = load_config("fashion_mnist", ["train.epochs=5", f"train.val_every_epochs={every}"]).train
+    assert [e for e in range(1, 6) if train.validates_after(e)] == validated
+
+
+def test_the_best_checkpoint_is_chosen_among_validated_epochs():
+    from torch import nn
+
+    from pipeline.train.state import RunState
+
+    state = RunState(nn.Linear(1, 1), None, None, rank=0, world_size=1, keep_best_by="val_top1")
+    assert state.end_epoch({"val_top1": 0.5}) and state.best["epoch"] == 1
+    assert not state.end_epoch({"train_loss": 0.1})  # no validation this epoch: counted, never the best
+    assert state.epoch == 2 and state.best["epoch"] == 1
+    assert state.end_epoch({"val_top1": 0.6}) and state.best == {"metric": "val_top1", "value": 0.6, "epoch": 3}
 
 
 def test_cli_bad_config_is_one_line_exit_2(capsys, tmp_path):

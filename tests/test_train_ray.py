@@ -23,6 +23,7 @@ from pipeline.errors import UserError
 from pipeline.train.checkpoint import load_meta, load_state
 from pipeline.train.config import load_config
 from pipeline.train.launch import fit
+from pipeline.train.state import best_dir
 from pipeline.train.tracking import RUN_KEY_TAG
 from conftest import make_label_folder
 from _proc import descendants_with
@@ -209,8 +210,12 @@ def test_finetune_bf16_new_class_count_frozen_backbone(extended_run, work):
         fit(_cfg(work, "three-bad", f"train.init_from={source}", shards=work["three"]))
     res = fit(_cfg(work, "three-ft", "train.epochs=2", "train.precision=bf16", "run.checkpoints_to_keep=2",
                    f"train.init_from={source}", "train.freeze_backbone_epochs=1", "train.batch_size=16",
-                   "optim.lr=0.01", "data.preset=mnist", shards=work["three"]))
+                   "optim.lr=0.01", "data.preset=mnist", "train.val_every_epochs=0", shards=work["three"]))
     assert res.metrics["epoch"] == 2 and res.metrics["val_top1"] > 1 / 3
+    # val_every_epochs=0: the val split is read once, after the last epoch; every epoch logs its training figures.
+    assert [s for s, _ in _history(res.mlflow_run_id, "train_loss", work["uri"])] == [1, 2]
+    for key in ("val_loss", "val_top1", "val_top5"):
+        assert [s for s, _ in _history(res.mlflow_run_id, key, work["uri"])] == [2], key
     src = load_state(source)["model"]
     ckpts = [p for p in Path(res.storage_dir).glob("checkpoint_*") if p.is_dir()]
     ckpts.sort(key=lambda p: load_state(p)["epoch"])
@@ -220,3 +225,5 @@ def test_finetune_bf16_new_class_count_frozen_backbone(extended_run, work):
     assert torch.equal(after_frozen["fc.0.weight"], src["fc.0.weight"])
     assert not torch.equal(after_free["features.0.weight"], src["features.0.weight"])  # trains in epoch 2
     assert load_meta(ckpts[-1])["classes"] == ["dark", "light", "mid"]  # imagefolder: sorted names
+    assert "val_top1" not in load_meta(ckpts[0])["metrics"] and "val_top1" in load_meta(ckpts[-1])["metrics"]
+    assert load_meta(best_dir(res.storage_dir))["epoch"] == 2  # the best is chosen among validated epochs

@@ -92,6 +92,9 @@ class TrainSection:
     init_from: str | None = None  # checkpoint dir/file or MLflow model (runs:/<run id>/<model name>, models:/…)
     freeze_backbone_epochs: int = 0  # with init_from: train only the new head for this many epochs
     augment: Literal["none", "flip", "flip_shift"] = "none"  # cheap batch-level augmentation on the device
+    # Validation after every N-th epoch and always after the last; 0: after the last epoch only (a
+    # held-out split that must be read once, or a val pass that costs too much to run every epoch).
+    val_every_epochs: int = 1
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -104,8 +107,15 @@ class TrainSection:
             raise ValueError("max_steps_per_epoch must be >= 1 or null")
         if self.freeze_backbone_epochs < 0:
             raise ValueError("freeze_backbone_epochs must be >= 0")
+        if self.val_every_epochs < 0:
+            raise ValueError(f"val_every_epochs must be >= 0, got {self.val_every_epochs}")
         if self.freeze_backbone_epochs and not self.init_from:
             raise ValueError("freeze_backbone_epochs needs init_from (a backbone to keep)")
+
+    def validates_after(self, epoch: int) -> bool:
+        """Whether the val split is evaluated after ``epoch`` (1-based)."""
+        every = self.val_every_epochs
+        return epoch >= self.epochs or (every > 0 and epoch % every == 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -186,9 +186,9 @@ def format_event(event: tuple) -> str:
         return f"{PREFIX} {event[1]}"
     if kind == "epoch":
         _, epoch, epochs, m = event
-        return (f"{PREFIX} epoch {epoch}/{epochs}: train_loss {m['train_loss']:.4f} val_loss {m['val_loss']:.4f} "
-                f"val_top1 {m['val_top1']:.4f} val_top5 {m['val_top5']:.4f} {m['train_images_per_s']:.0f} img/s "
-                f"data-wait {m['data_wait_frac']:.0%} ({m['epoch_time_s']:.1f} s)")
+        val = "".join(f" {k} {m[k]:.4f}" for k in ("val_loss", "val_top1", "val_top5") if k in m)  # when validated
+        return (f"{PREFIX} epoch {epoch}/{epochs}: train_loss {m['train_loss']:.4f}{val} "
+                f"{m['train_images_per_s']:.0f} img/s data-wait {m['data_wait_frac']:.0%} ({m['epoch_time_s']:.1f} s)")
     _, epoch, epochs, f, step, steps = event
     return (f"{PREFIX} epoch {epoch}/{epochs} step {step}/{steps} loss {f['loss']:.4f} lr {f['lr']:.3g} "
             f"{f['images_per_s']:.0f} img/s data-wait {f['data_wait_frac']:.0%}")

@@ -34,6 +34,8 @@ from pipeline.train.state import RunState, best_dir, keep_best, load_rank_file
 from pipeline.train.step import (TrainStep, WarmupCosine, augment, build_optimizer, param_groups,
                                  precision_context, setup_torch)
 
+VAL_METRICS = ("val_loss", "val_top1", "val_top5")  # an epoch's figures when it validates (train.val_every_epochs)
+
 
 def _init_weights(model: nn.Module, source: str, tracking_uri: str | None) -> list[str]:
     """Backbone weights from a checkpoint directory/file or an MLflow model URI; returns the head keys replaced."""
@@ -282,7 +284,8 @@ def _log_step(w: _Worker, epoch: int, step: int, loss: torch.Tensor, window: Thr
 
 
 def _end_epoch(w: _Worker, epoch: int, meter: ThroughputMeter) -> dict[str, Any]:
-    """Epoch figures over all ranks, validation, the epoch checkpoint, MLflow; returns the validation result."""
+    """Epoch figures over all ranks, validation when due, the epoch checkpoint, MLflow; returns the validation
+    result ({} for an epoch that ``train.val_every_epochs`` skips)."""
     st, device = w.state, w.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # host sync: once per epoch, so the meter's clock covers the queued work
@@ -294,11 +297,11 @@ def _end_epoch(w: _Worker, epoch: int, meter: ThroughputMeter) -> dict[str, Any]
                                     torch.tensor(thr.data_wait_frac, dtype=torch.float64, device=device)]))
     train_loss, samples, images_per_s, wait = agg.tolist()
     t_eval = time.perf_counter()
-    val = _validate(w)
+    val = _validate(w) if w.cfg.train.validates_after(epoch + 1) else {}  # train.val_every_epochs
     metrics = {
         "epoch": epoch + 1, "train_loss": train_loss / max(samples, 1), "train_images_per_s": images_per_s,
         "world_size": w.world, "data_wait_frac": wait / w.world, "step_time_s": thr.step_time_s, "lr": w.step.lr,
-        "val_loss": val["val_loss"], "val_top1": val["val_top1"], "val_top5": val["val_top5"],
+        **{k: val[k] for k in VAL_METRICS if k in val},
         "epoch_time_s": thr.total_s + time.perf_counter() - t_eval,
         "checkpoint_s": w.checkpoint_s / max(w.checkpoints, 1), "checkpoints": w.checkpoints,  # mid-epoch ones
     }
@@ -347,7 +350,7 @@ def _finish(w: _Worker, val: dict[str, Any]) -> None:
     if not val:
         # Started again with no epochs left: report the current model's figures once, no checkpoint.
         val = _validate(w)
-        ray.train.report({"epoch": w.state.epoch, **{k: val[k] for k in ("val_loss", "val_top1", "val_top5")}})
+        ray.train.report({"epoch": w.state.epoch, **{k: val[k] for k in VAL_METRICS}})
     if w.is_main and w.cfg.tracking.enabled:
         best = best_dir(w.storage_dir)
         if best.is_dir():

@@ -157,10 +157,13 @@ class RunState:
         self.global_step += 1
 
     def end_epoch(self, metrics: dict[str, Any]) -> bool:
-        """The epoch is complete: count it and track the best score; True if it improved."""
+        """The epoch is complete: count it and track the best score; True if it improved (never for an
+        epoch without validation)."""
         self.epoch += 1
         self.step_in_epoch = 0
-        score = metrics[self.best["metric"]]
+        score = metrics.get(self.best["metric"])
+        if score is None:
+            return False
         higher_is_better = self.best["metric"] == "val_top1"
         value = self.best["value"]
         improved = value is None or (score > value if higher_is_better else score < value)

@@ -293,7 +293,7 @@ class _Reporter:
             def on_trial_result(self, iteration, trials, trial, result, **info):
                 if job.verbose:
                     super().on_trial_result(iteration, trials, trial, result, **info)
-                if "val_loss" not in result:
+                if "train_loss" not in result:
                     return  # a mid-epoch checkpoint's report (a stop), not an epoch's end
                 figures = " ".join(f"{k} {result[k]:.4f}" for k in ("val_top1", "val_loss") if k in result)
                 print(f"[pipeline] {_describe(job, trial)}: epoch {result.get('epoch', '?')} {figures}", flush=True)
@@ -463,7 +463,9 @@ def trial_rows(client, experiment_id: str, job: _Job, errors: dict[int, str]) ->
 
 
 def _last_epoch(client, run_id: str) -> int | None:
-    history = client.get_metric_history(run_id, "val_loss")  # logged at step = epoch
+    from pipeline.train.tracking_queue import EPOCH_METRIC
+
+    history = client.get_metric_history(run_id, EPOCH_METRIC)  # logged at step = epoch
     return max((m.step for m in history), default=None)
 
 

@@ -11,7 +11,8 @@ a sender thread with backoff), so a server outage never stalls training.
 
 Metric names (what outside scripts read): ``train_loss``, ``train_images_per_s``,
 ``data_wait_frac``, ``val_loss``, ``val_top1``, ``val_top5`` (fractions 0..1),
-``lr``, ``epoch_time_s``, all at ``step`` = epoch (1-based); and every N steps
+``lr``, ``epoch_time_s``, all at ``step`` = epoch (1-based; the ``val_*`` ones at the epochs that
+validate, ``train.val_every_epochs``, the last always); and every N steps
 ``step_train_loss``, ``step_lr``, ``step_images_per_s`` at the global step.
 """
 
@@ -27,8 +28,8 @@ from typing import Any
 from pipeline.config import flatten
 from pipeline.fileio import is_uri
 from pipeline.train.tracking_queue import (EPOCH_METRIC, RECORDS, RUN_KEY_TAG, SPOOL_DIRNAME, STEP_METRIC, MlflowSink,
-                                           Spool, TrackingQueue, find_run, http_env_defaults, read_job,
-                                           write_job)
+                                           Spool, TrackingQueue, epoch_family, find_run, http_env_defaults,
+                                           read_job, write_job)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
@@ -160,9 +161,10 @@ class Tracker:
         """Epochs and steps already logged by earlier starts of this job (so a redone epoch is not logged twice)."""
         for rec in spool.records():
             self.resumed = True
-            if rec.get("family") == EPOCH_METRIC:
+            family = epoch_family(rec)
+            if family == EPOCH_METRIC:
                 self.last_epoch = max(self.last_epoch, rec["step"])
-            elif rec.get("family") == STEP_METRIC:
+            elif family == STEP_METRIC:
                 self.last_step = max(self.last_step, rec["step"])
             elif rec.get("path", "").startswith("files/"):
                 self._files = max(self._files, int(rec["path"].split("/")[1]) + 1)

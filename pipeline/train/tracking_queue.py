@@ -46,7 +46,8 @@ SPOOL_DIRNAME = "tracking"
 JOB_FILE = "job.json"
 RECORDS = "records"
 RUN_KEY_TAG = "pipeline.run_key"
-EPOCH_METRIC = "val_loss"  # every epoch logs it; its history says which epochs are done
+EPOCH_METRIC = "train_loss"  # every epoch logs it; its history says which epochs are done
+_OLD_EPOCH_FAMILY = "val_loss"  # what spooled epoch records were filed under before validation could skip epochs
 STEP_METRIC = "step_train_loss"
 BATCH_METRICS = 1000  # MLflow's log_batch limit
 # MLflow's own HTTP retries happen inside one call; keep them short so our backoff decides.
@@ -143,6 +144,12 @@ class Spool:
         return max(self.appended - self.cursor()[1], 0)
 
 
+def epoch_family(record: dict[str, Any]) -> str | None:
+    """The metric family a spooled metrics record belongs to (``EPOCH_METRIC``, ``STEP_METRIC``), or None."""
+    family = record.get("family")
+    return EPOCH_METRIC if family == _OLD_EPOCH_FAMILY else family
+
+
 def read_job(spool_dir: str | Path) -> dict[str, Any]:
     path = Path(spool_dir) / JOB_FILE
     return json.loads(path.read_text()) if path.exists() else {}
@@ -226,14 +233,14 @@ class MlflowSink:
 
         batch = []
         for rec in records:
-            family = rec.get("family")
+            family = epoch_family(rec)
             if family in self._last and rec["step"] <= self._last[family]:
                 continue  # already in the run (sent before a crash, or a redone epoch)
             batch += [Metric(k, float(v), rec["ts"], rec["step"]) for k, v in rec["m"].items()]
         for i in range(0, len(batch), BATCH_METRICS):
             self.client.log_batch(self.run_id, metrics=batch[i:i + BATCH_METRICS])
         for rec in records:
-            family = rec.get("family")
+            family = epoch_family(rec)
             if family in self._last:
                 self._last[family] = max(self._last[family], rec["step"])
 
@@ -506,5 +513,5 @@ def _last_step(client, run_id: str, key: str) -> int:
     return max((m.step for m in history), default=0)
 
 
-__all__ = ["MlflowSink", "RunNotReady", "Spool", "TrackingQueue", "find_run", "http_env_defaults", "read_job",
-           "sync", "unsent_records", "write_job"]
+__all__ = ["MlflowSink", "RunNotReady", "Spool", "TrackingQueue", "epoch_family", "find_run", "http_env_defaults",
+           "read_job", "sync", "unsent_records", "write_job"]

@@ -8,6 +8,7 @@ reading the pixels back (robust to JPEG error, crops, flips and resizes).
 from __future__ import annotations
 
 import contextlib
+import multiprocessing.util
 import os
 import shutil
 import tempfile
@@ -19,6 +20,33 @@ import pytest
 from PIL import Image
 
 FMNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+_RUN_TMP: Path | None = None
+
+
+def pytest_configure(config) -> None:
+    """One temp directory for the whole run, this process's and every process it starts (``TMPDIR``).
+
+    What the tested tools leave in a temp dir by design (Ray's session logs, MLflow's SQLite init
+    locks, multiprocessing's and torchrun's directories) and pytest's own ``tmp_path`` trees land
+    there; a run that passes removes it, a failing run keeps it and says where. Short, under /tmp:
+    Ray's Unix socket paths have a length limit.
+    """
+    global _RUN_TMP
+    _RUN_TMP = Path(tempfile.mkdtemp(prefix="pt-", dir="/tmp"))
+    os.environ["TMPDIR"] = str(_RUN_TMP)
+    os.environ.pop("RAY_TMPDIR", None)  # Ray would read it before TMPDIR
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _RUN_TMP is None:
+        return
+    if exitstatus == 0:
+        # At exit, after multiprocessing has removed its own directory in it (its exit priority is -100).
+        multiprocessing.util.Finalize(None, shutil.rmtree, args=(str(_RUN_TMP),), kwargs={"ignore_errors": True},
+                                      exitpriority=-200)
+    else:
+        print(f"\ntemp files of this run kept: {_RUN_TMP}")
 
 
 def label_value(label: int, num_classes: int = 10) -> int:

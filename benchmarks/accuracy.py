@@ -9,7 +9,7 @@ Two phases, each end to end on this machine:
 * ``--phase test`` (default): the shipped check. ``pipeline shard`` of the real idx files (train =
   60,000, val = t10k), ``pipeline train --config NAME`` in a fresh process (Ray start-up, workers,
   MLflow and model logging included), then ``pipeline evaluate`` of the last checkpoint on t10k:
-  ``test_top1``, reported once. The job runs with ``train.val_every_epochs=0``: it reads t10k (its
+  ``test_top1``, reported once (and logged to the job's MLflow run, as ``--log-as test`` does). The job runs with ``train.val_every_epochs=0``: it reads t10k (its
   val split) once, after the last epoch, so no per-epoch test figure exists to pick an epoch by (that
   would be tuning on the test set); the last epoch is the one evaluated.
 
@@ -134,12 +134,13 @@ def train(config: str, shards: Path, storage: Path, overrides: list[str]) -> dic
     return out
 
 
-def test_top1(storage: Path, run_name: str, shards: Path) -> tuple[float, float, str]:
-    """``pipeline evaluate`` of the job's last checkpoint on the shard set's val split (t10k).
+def test_top1(storage: Path, run_name: str, shards: Path, tracking_uri: str | None) -> tuple[float, float, str]:
+    """``pipeline evaluate`` of the job's last checkpoint on the shard set's val split (t10k), logged to the
+    job's MLflow run as ``test_top1``/``test_top5``/``test_loss`` when it has one (``--log-as test``).
 
-    Returns (top-1, seconds, checkpoint path)."""
+    Returns (top-1, seconds of the evaluation, checkpoint path)."""
     from pipeline.train.checkpoint import load_meta
-    from pipeline.train.evaluate import evaluate_model
+    from pipeline.train.evaluate import RunLog, evaluate_model
 
     ckpts = [p for p in (storage / run_name).glob("checkpoint_*") if p.is_dir()]
     if not ckpts:
@@ -147,7 +148,10 @@ def test_top1(storage: Path, run_name: str, shards: Path) -> tuple[float, float,
     last = max(ckpts, key=lambda p: load_meta(p)["epoch"])
     t0 = time.perf_counter()
     res = evaluate_model(str(last), shards, "val", backend="auto", device="cpu")
-    return res.top1, time.perf_counter() - t0, str(last)
+    seconds = time.perf_counter() - t0
+    if tracking_uri:
+        RunLog(str(last), "test", tracking_uri).log(res, shards)
+    return res.top1, seconds, str(last)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[accuracy] {config}: val top-1 {r.get('val_top1')} (tuning split, not the test set)", flush=True)
             results.append(r)
             continue
-        top1, eval_s, ckpt = test_top1(args.storage.resolve(), r["run_name"], shards)
+        top1, eval_s, ckpt = test_top1(args.storage.resolve(), r["run_name"], shards,
+                                       r["tracking_uri"] if r["mlflow_run_id"] else None)
         total = r["train_s"] + eval_s + (shard_s or 0.0)
         r.update(test_top1=top1, eval_s=eval_s, checkpoint=ckpt, total_s=total,
                  accuracy_met=top1 >= target["min_top1"], time_met=None if reused else total <= target["max_total_s"])

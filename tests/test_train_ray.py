@@ -134,7 +134,7 @@ def test_mlflow_run_holds_params_artifacts_and_model(killed_run, work):
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
 
-def test_checkpoint_loads_weights_only_and_evaluate_agrees(killed_run, work, capsys):
+def test_checkpoint_loads_weights_only_and_evaluate_agrees(killed_run, work, capsys, monkeypatch, tmp_path):
     result, _ = killed_run
     state = torch.load(Path(result.checkpoint_path) / "state.pt", weights_only=True)
     assert state["epoch"] == 3 and state["global_step"] == 3 * (1024 // (2 * 64))
@@ -145,6 +145,32 @@ def test_checkpoint_loads_weights_only_and_evaluate_agrees(killed_run, work, cap
     out = json.loads(capsys.readouterr().out)
     assert out["samples"] == 1024 and out["top1"] == pytest.approx(result.metrics["val_top1"], abs=2e-3)
     assert set(out["per_class"]) == set(load_meta(result.checkpoint_path)["classes"])
+
+    # --log-as: the figures go into the job's own MLflow run, found from the checkpoint's directory.
+    evaluate = ["evaluate", "--model", result.checkpoint_path, "--shards", str(work["fm"]), "--json"]
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    for extra, message in ((["--log-as", "test"], "no MLflow store at"),  # and none is created
+                           (["--log-as", "test top1"], "--log-as 'test top1': a letter"),
+                           (["--log-as", "test"], "no MLflow run of the job")):  # another store: not there
+        if message.startswith("no MLflow run"):
+            mlflow.MlflowClient(other).search_experiments()  # creates that store
+            capsys.readouterr()
+        assert main([*evaluate, *extra]) != 0
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert (tmp_path / "other.db").exists() == message.startswith("no MLflow run")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", work["uri"])
+    assert main([*evaluate, "--log-as", "test"]) == 0
+    captured = capsys.readouterr()
+    top1 = json.loads(captured.out)["top1"]
+    assert f"to MLflow run {result.mlflow_run_id}" in captured.err
+    client = mlflow.MlflowClient(work["uri"])
+    assert _history(result.mlflow_run_id, "test_top1", work["uri"]) == [(3, top1)]  # at the checkpoint's epoch
+    assert _history(result.mlflow_run_id, "test_samples", work["uri"]) == [(3, 1024.0)]
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.tags["pipeline.eval.test"].startswith(f"val split of {work['fm']}, model ")
+    assert "eval/test_per_class_accuracy.csv" in {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
 
 
 ORPHAN = "checkpoint_2000-01-01_00-00-00.000000"

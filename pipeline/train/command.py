@@ -51,6 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"))
     e.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     e.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    e.add_argument("--log-as", default=None, metavar="NAME",
+                   help="also log the figures to the MLflow run that trained the model as NAME_top1, NAME_top5, "
+                        "NAME_loss (e.g. --log-as test for a test split read once); the store is "
+                        "$MLFLOW_TRACKING_URI, else sqlite:///mlruns.db")
     e.set_defaults(func=run_evaluate)
 
 
@@ -93,10 +97,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``pipeline evaluate``: print top-1/top-5 and per-class accuracy."""
-    from pipeline.train.evaluate import evaluate_model
+    from pipeline.train.evaluate import RunLog, evaluate_model
 
     # MLflow's download bar for an MLflow model: on a terminal only, not as lines in a log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if sys.stderr.isatty() else "false")
+    run_log = RunLog(args.model, args.log_as) if args.log_as is not None else None  # its errors before the work
     res = evaluate_model(args.model, args.shards, args.split, batch_size=args.batch_size, backend=args.backend,
                          device=args.device, precision=args.precision)
     if args.json:
@@ -104,6 +109,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
                           "loss": res.loss, "per_class": {c: a for c, _, a in res.per_class()}}))
     else:
         print(res.format())
+    if run_log is not None:
+        run_log.log(res, args.shards)
+        print(f"logged as {args.log_as}_top1, {args.log_as}_top5, {args.log_as}_loss to MLflow run {run_log.run_id}",
+              file=sys.stderr)
     return 0
 
 

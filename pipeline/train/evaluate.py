@@ -3,12 +3,17 @@
 Runs in this process (no Ray): a checkpoint directory or file written by
 ``pipeline train``, or an MLflow model URI (``runs:/<run id>/<model name>``,
 ``models:/<model id>``, ``models:/<name>/<version>``) whose shape comes from the shard set.
+``RunLog`` adds the figures to the MLflow run that trained the model, under a name of
+their own (``--log-as test``: ``test_top1``, ``test_top5``, ``test_loss``), so a test split read
+once after training sits beside the run's per-epoch validation figures in the MLflow UI.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,4 +133,75 @@ def evaluate_model(model_ref: str, shards: str | Path, split: str = "val", *, ba
                       top5=out["val_top5"], classes=list(loader.class_labels), confusion=out["confusion"].numpy())
 
 
-__all__ = ["EvalResult", "evaluate_model", "load_for_eval"]
+_LOG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")
+
+
+def training_run_id(client, model_ref: str) -> str:
+    """The MLflow run that trained ``model_ref``: an MLflow model's source run, or the job run of a checkpoint
+    (the run tagged with the job's directory, the checkpoint's parent, in any experiment of the store)."""
+    from pipeline.train.tracking_queue import find_run
+
+    if model_ref.startswith(MLFLOW_MODEL_SCHEMES):
+        from mlflow.models import get_model_info
+
+        try:
+            run_id = get_model_info(model_ref).run_id
+        except Exception as exc:  # MLflow raises many types for a bad URI; all mean "not there"
+            raise UserError(f"cannot read MLflow model {model_ref}: {str(exc).splitlines()[0]}") from None
+        if not run_id:
+            raise UserError(f"MLflow model {model_ref} names no run that logged it: nowhere to log its evaluation")
+        return run_id
+    path = Path(model_ref).resolve()
+    job_dir = path.parent if path.is_dir() else path.parent.parent  # <storage>/<run.name>/checkpoint_*/[state.pt]
+    for experiment in client.search_experiments():
+        run = find_run(client, experiment.experiment_id, str(job_dir))
+        if run is not None:
+            return run.info.run_id
+    raise UserError(f"no MLflow run of the job {job_dir} in this store: set MLFLOW_TRACKING_URI to the one the "
+                    "job logged to")
+
+
+class RunLog:
+    """``--log-as NAME``: an evaluation's figures in the MLflow run that trained the model.
+
+    Built before the evaluation runs, so a bad name or a run that cannot be found is one error line
+    before any work. ``log`` writes ``<name>_top1``, ``<name>_top5``, ``<name>_loss``, ``<name>_samples``
+    (step = the checkpoint's epoch), the per-class table as ``eval/<name>_per_class_accuracy.csv`` and
+    what was evaluated as the tag ``pipeline.eval.<name>``.
+    """
+
+    def __init__(self, model_ref: str, name: str, tracking_uri: str | None = None) -> None:
+        import mlflow
+
+        from pipeline.train.tracking import resolve_tracking_uri
+
+        if not _LOG_NAME.fullmatch(name):
+            raise UserError(f"--log-as {name!r}: a letter, then letters, digits or _ (at most 40), e.g. test")
+        self.model_ref, self.name = model_ref, name
+        uri = resolve_tracking_uri(tracking_uri)
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # not a new, empty one
+            raise UserError(f"--log-as: no MLflow store at {uri}: set MLFLOW_TRACKING_URI to the one the job logged to")
+        self.client = mlflow.MlflowClient(uri)
+        self.run_id = training_run_id(self.client, model_ref)
+
+    def log(self, res: EvalResult, shards: str | Path) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        from pipeline.train.tracking import per_class_table
+
+        step = 0
+        if not self.model_ref.startswith(MLFLOW_MODEL_SCHEMES):
+            from pipeline.train.checkpoint import load_meta
+
+            step = int(load_meta(self.model_ref).get("epoch", 0))
+        now, name = int(time.time() * 1000), self.name
+        figures = {"top1": res.top1, "top5": res.top5, "loss": res.loss, "samples": float(res.samples)}
+        what = f"{res.split} split of {Path(shards).resolve()}, model {self.model_ref}"
+        self.client.log_batch(self.run_id, metrics=[Metric(f"{name}_{k}", float(v), now, step)
+                                                    for k, v in figures.items()],
+                              tags=[RunTag(f"pipeline.eval.{name}", what[:5000])])
+        self.client.log_text(self.run_id, per_class_table(res.classes, res.confusion),
+                             f"eval/{name}_per_class_accuracy.csv")
+
+
+__all__ = ["EvalResult", "RunLog", "evaluate_model", "load_for_eval", "training_run_id"]

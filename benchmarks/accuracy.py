@@ -9,9 +9,10 @@ Two phases, each end to end on this machine:
 * ``--phase test`` (default): the shipped check. ``pipeline shard`` of the real idx files (train =
   60,000, val = t10k), ``pipeline train --config NAME`` in a fresh process (Ray start-up, workers,
   MLflow and model logging included), then ``pipeline evaluate`` of the last checkpoint on t10k:
-  ``test_top1``, reported once (and logged to the job's MLflow run, as ``--log-as test`` does). The job runs with ``train.val_every_epochs=0``: it reads t10k (its
-  val split) once, after the last epoch, so no per-epoch test figure exists to pick an epoch by (that
-  would be tuning on the test set); the last epoch is the one evaluated.
+  ``test_top1``, reported once (and logged to the job's MLflow run, as ``--log-as test`` does). The
+  job runs with ``train.val_every_epochs=0``: it reads t10k (its val split) once, after the last
+  epoch, so no per-epoch test figure exists to pick an epoch by (that would be tuning on the test
+  set); the last epoch is the one evaluated.
 
 Targets (test top-1, end-to-end seconds including the shard step): ``fashion_mnist`` ≥ 0.92 within
 300 s, ``fashion_mnist_resnet`` ≥ 0.94 within 300 s, both on 2 CPU workers. Results go to stdout and

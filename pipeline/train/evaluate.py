@@ -173,13 +173,13 @@ class RunLog:
     def __init__(self, model_ref: str, name: str, tracking_uri: str | None = None) -> None:
         import mlflow
 
-        from pipeline.train.tracking import resolve_tracking_uri
+        from pipeline.train.tracking import missing_sqlite_store, resolve_tracking_uri
 
         if not _LOG_NAME.fullmatch(name):
             raise UserError(f"--log-as {name!r}: a letter, then letters, digits or _ (at most 40), e.g. test")
         self.model_ref, self.name = model_ref, name
         uri = resolve_tracking_uri(tracking_uri)
-        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # not a new, empty one
+        if missing_sqlite_store(uri):  # not a new, empty one
             raise UserError(f"--log-as: no MLflow store at {uri}: set MLFLOW_TRACKING_URI to the one the job logged to")
         self.client = mlflow.MlflowClient(uri)
         self.run_id = training_run_id(self.client, model_ref)

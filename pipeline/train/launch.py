@@ -148,10 +148,10 @@ def _check_mlflow_init_from(cfg: TrainConfig, manifest: dict[str, Any], tracking
     import mlflow
 
     from pipeline.train.models import MODEL_NAMES
-    from pipeline.train.tracking import logged_model_name, resolve_tracking_uri, runs_uri_hint
+    from pipeline.train.tracking import logged_model_name, missing_sqlite_store, resolve_tracking_uri, runs_uri_hint
 
     uri = tracking_uri or resolve_tracking_uri(None)  # the store the workers read it from
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    if missing_sqlite_store(uri):
         raise UserError(f"--init-from {src}: no MLflow store at {uri}; set tracking.tracking_uri or MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:

@@ -137,15 +137,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from pipeline.train.tracking import resolve_tracking_uri
+    from pipeline.train.tracking import missing_sqlite_store, resolve_tracking_uri
 
     if args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     uri = resolve_tracking_uri(args.tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]}: train first, or pass --tracking-uri "
+    missing = missing_sqlite_store(uri)
+    if missing:
+        raise UserError(f"no MLflow store at {missing}: train first, or pass --tracking-uri "
                         "(or set MLFLOW_TRACKING_URI)")
     print(runs_table(uri, args.experiment, args.sort, args.limit))
     return 0

@@ -35,6 +35,14 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
 
 
+def missing_sqlite_store(uri: str) -> str | None:
+    """The file of a ``sqlite:///`` store that does not exist (opening it would create an empty one), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):]
+    return None if Path(path).is_file() else path
+
+
 def resolve_tracking_uri(configured: str | None, cwd: Path | None = None) -> str:
     """``tracking.tracking_uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///mlruns.db``, local paths made absolute.
 
@@ -413,6 +421,6 @@ def confusion_figure(classes: list[str], confusion):
 
 __all__ = [
     "DEFAULT_TRACKING_URI", "NullTracker", "RUN_KEY_TAG", "Tracker", "confusion_figure", "default_artifact_location",
-    "find_job_run", "find_run", "job_run_id", "per_class_table", "resolve_tracking_uri", "spool_dir_for",
+    "find_job_run", "find_run", "job_run_id", "missing_sqlite_store", "per_class_table", "resolve_tracking_uri", "spool_dir_for",
     "tracking_behind", "ui_hint",
 ]

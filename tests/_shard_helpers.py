@@ -122,3 +122,15 @@ def kill_build_after(cmd: list[str], out: Path, shards_done: int, *, cwd: Path |
     assert proc.returncode == (130 if sig == signal.SIGINT else -sig)  # Ctrl-C: the CLI's own exit code
     assert not (out / "index.json").exists()
     return len(list(out.glob(".*.done.json")))
+
+
+def note_and_sleep(path: str, seconds: float) -> None:
+    """A pool task for the Ctrl-C tests: writes "started", then "finished" after ``seconds`` or, when
+    interrupted, "interrupted" (its cleanup ran)."""
+    Path(path).write_text("started")
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        Path(path).write_text("interrupted")
+        raise
+    Path(path).write_text("finished")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from _shard_helpers import dir_bytes, kill_build_after
+from _shard_helpers import dir_bytes, kill_build_after, note_and_sleep
 from conftest import make_label_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +112,28 @@ def test_sigkill_of_a_two_worker_build_then_resume_is_byte_identical(fmnist_dir,
     assert f"resuming: {done} of 60 shards already done" in resumed.stderr
     assert dir_bytes(out) == dir_bytes(ref)
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("leaving", [KeyboardInterrupt, ValueError])
+def test_leaving_the_pool_on_an_exception_stops_running_tasks_and_starts_no_queued_one(tmp_path, leaving):
+    """Ctrl-C to the main process alone (or a failure there): the running tasks are interrupted with
+    their cleanup, the queued ones never start, and the pool's processes are gone when it is left."""
+    import time
+
+    from pipeline.shard.executors import process_pool
+
+    notes = [tmp_path / f"task{i}" for i in range(6)]
+    with pytest.raises(leaving):
+        with process_pool(2) as pool:
+            futures = [pool.submit(note_and_sleep, str(n), 120) for n in notes]
+            deadline = time.monotonic() + 60
+            while sum(n.exists() for n in notes) < 2:
+                assert time.monotonic() < deadline, "the pool started no task"
+                time.sleep(0.01)
+            procs = list(pool._processes.values())
+            raise leaving()
+    assert [n.read_text() if n.exists() else None for n in notes] == ["interrupted"] * 2 + [None] * 4
+    assert all(f.done() for f in futures) and not any(p.is_alive() for p in procs)
 
 
 def test_ctrl_c_of_a_two_worker_build_says_so_once_and_the_rerun_continues(fmnist_dir, tmp_path):

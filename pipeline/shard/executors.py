@@ -7,11 +7,13 @@ tasks are spread over the cluster's nodes; ``nodes`` counts the tasks each node 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import queue
 import signal
 import socket
 import threading
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator
 
 from pipeline.errors import UserError
@@ -47,28 +49,82 @@ def _write_on_node(plan: ShardPlan, config: ShardConfig) -> tuple[ShardResult, s
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
-    """A local pool of ``workers`` processes whose Ctrl-C is quiet.
+    """A local pool of ``workers`` processes that a Ctrl-C stops cleanly (see ``_QuietPool``).
 
     fork starts workers in milliseconds but is unsafe once the caller runs threads (a Ray
     driver, MLflow); then forkserver (about a second of start-up, on a 2-core VM) is used.
     """
     ctx = multiprocessing.get_context("fork" if threading.active_count() == 1 else "forkserver")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_on_sigint)
+    return _QuietPool(workers, ctx)
 
 
-def _exit_on_sigint() -> None:
-    """In a pool worker: Ctrl-C (SIGINT to the whole process group) ends it without a traceback.
+class _QuietPool(ProcessPoolExecutor):
+    """A process pool whose workers end their task at Ctrl-C, start no other, and never die of it.
 
-    The default KeyboardInterrupt made every idle worker print one ("Process ForkProcess-1:
-    Traceback …") around the main process's one line. SystemExit ends an idle worker quietly;
-    in a task it unwinds the same cleanup as KeyboardInterrupt did (temporary files removed)
-    and reaches the main process, which is stopping anyway.
+    Ctrl-C sends SIGINT to the whole process group. Left to Python's default, every worker
+    raised KeyboardInterrupt wherever it stood: idle ones printed a traceback each, and one
+    caught inside the pool's own queue code ended that worker. The pool's manager thread then
+    failed on the futures already cancelled (CPython 3.11's ``terminate_broken`` raises
+    ``InvalidStateError``) and left the other worker waiting for work forever, and the build
+    hung at exit. Now SIGINT in a worker interrupts only a task (its cleanup runs: temporary
+    files removed); an idle worker notes it and starts no further task. A SIGINT to the main
+    process alone, or any exception that leaves the pool, stops the workers' tasks the same way.
     """
-    signal.signal(signal.SIGINT, _raise_exit)
+
+    def __init__(self, workers: int, ctx) -> None:
+        self._stop = ctx.Event()
+        super().__init__(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(self._stop,))
+
+    def submit(self, fn, /, *args, **kwargs):
+        # A worker forked here must not take SIGINT before its handler is in place: held until then.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return super().submit(_task, fn, *args, **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        if exc_type is not None:  # Ctrl-C, a failed task, results abandoned: nobody waits for the rest
+            self._stop.set()  # queued tasks do not start
+            for proc in list((self._processes or {}).values()):
+                if proc.exitcode is None:  # not yet reaped: its pid is still this child's
+                    os.kill(proc.pid, signal.SIGINT)  # running tasks stop
+            self.shutdown(wait=True, cancel_futures=True)
+            return False
+        return super().__exit__(exc_type, exc_val, exc_tb)
 
 
-def _raise_exit(signum: int, frame) -> None:
-    raise SystemExit(128 + signum)
+_worker_stop = None  # in a worker: the pool's stop event
+_in_task = False  # in a worker: a task is running (SIGINT interrupts it)
+_interrupted = False  # in a worker: SIGINT has come
+
+
+def _init_worker(stop) -> None:
+    global _worker_stop
+    _worker_stop = stop
+    signal.signal(signal.SIGINT, _on_sigint)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _on_sigint(signum: int, frame) -> None:
+    global _interrupted
+    if _interrupted:  # once: a second SIGINT must not cut the first one's cleanup short
+        return
+    _interrupted = True
+    if _in_task:
+        raise KeyboardInterrupt
+
+
+def _task(fn, *args, **kwargs):
+    """Run ``fn`` unless this worker or the pool was interrupted; a SIGINT while it runs interrupts it."""
+    global _in_task
+    _in_task = True
+    try:
+        if _interrupted or _worker_stop.is_set():  # checked after the flag: no SIGINT falls in between
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+    finally:
+        _in_task = False
 
 
 def _run_local(plans: list[ShardPlan], config: ShardConfig) -> Iterator[ShardResult]:
@@ -78,15 +134,14 @@ def _run_local(plans: list[ShardPlan], config: ShardConfig) -> Iterator[ShardRes
             yield write_shard(p, config)
         return
     with process_pool(workers) as pool:
-        pending = {pool.submit(write_shard, p, config) for p in plans}
-        try:
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    yield fut.result()
-        finally:
-            for fut in pending:
-                fut.cancel()
+        # Results through a queue, not concurrent.futures.wait(): wait() takes every future's lock in a
+        # Python loop, and a Ctrl-C landing inside it left some held, so the pool's shutdown hung on them.
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+        futures = [pool.submit(write_shard, p, config) for p in plans]
+        for fut in futures:
+            fut.add_done_callback(finished.put)
+        for _ in futures:
+            yield finished.get().result()  # on any exception the pool cancels the rest (_QuietPool.__exit__)
 
 
 def _run_ray(plans: list[ShardPlan], config: ShardConfig, nodes: Counter) -> Iterator[ShardResult]:

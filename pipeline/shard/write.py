@@ -160,10 +160,14 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON under a temporary name, fsync, then rename over ``path``."""
     tmp = tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    _fsync_replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        _fsync_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # interrupted or failed: nothing half-written left behind
+        raise
 
 
 def encode_sample(fmt: str, config: ShardConfig, record: sources.Record) -> preprocess.Encoded:

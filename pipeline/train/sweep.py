@@ -386,6 +386,7 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
     from pipeline.fileio import is_uri
     from pipeline.train.launch import _create_sqlite_store, _ensure_ray, _environ, resolve_paths
     from pipeline.train.preempt import clear_stop, exit_code, stop_on_signals
+    from pipeline.train.ray_output import quiet_ray_output
     from pipeline.train.runs import format_table
     from pipeline.train.tracking import default_artifact_location, resolve_tracking_uri
 
@@ -408,6 +409,10 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
     parent_id = _start_parent(client, sweep, key, exp_id)
     job = _Job(sweep, tuple(points), fixed, tracking_uri, base.tracking.experiment, parent_id, verbose)
     _ensure_ray(base, verbose)
+    if not verbose:
+        # The trials' output reaches this process, not theirs: fold it here (a trial killed at a stop
+        # prints Ray's SIGTERM traceback as it goes).
+        quiet_ray_output()
     concurrency = max_concurrent or _default_concurrency(base)
     print(f"[pipeline] sweep {sweep.name}: {len(points)} trial(s) of {sweep.config}, {concurrency} at a time; "
           f"MLflow parent run {parent_id}", flush=True)

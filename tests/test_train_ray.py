@@ -201,16 +201,20 @@ def test_finished_job_started_with_more_epochs_continues(extended_run, killed_ru
     assert len(left) == 2 and ORPHAN not in left and Path(extended_run.checkpoint_path).name in left
 
 
-def test_an_mlflow_init_from_is_checked_before_ray_and_loads_the_runs_model(extended_run, work, capsys, monkeypatch):
+def test_an_mlflow_init_from_is_checked_before_ray_and_loads_the_runs_model(extended_run, work, capsys, monkeypatch,
+                                                                            tmp_path):
     run_id = extended_run.mlflow_run_id
     source = f"runs:/{run_id}/seed_cnn"  # pipeline train logs its model under model.name
+    missing = tmp_path / "none.db"
     for init, extra, shards, message in [
         (f"runs:/{run_id}/model", (), None, "no such model in .*runs:/<run id>/seed_cnn"),
+        (source, (f"tracking.tracking_uri=sqlite:///{missing}",), None, "no MLflow store at"),  # none created
         (source, ("model.name=resnet18",), None, "holds a seed_cnn model, the config trains resnet18"),
         (source, (), work["three"], "1×28² inputs.*3×224²"),
     ]:
         with pytest.raises(UserError, match=message):  # one error line from the driver, before any worker starts
             fit(_cfg(work, "mlflow-bad", f"train.init_from={init}", *extra, shards=shards))
+    assert not missing.exists()
     from pipeline.train.loop import _init_weights
     from pipeline.train.models import build_model
 

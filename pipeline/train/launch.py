@@ -254,9 +254,9 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
     artifact_location = (default_artifact_location(tracking_uri, cfg.tracking.artifact_location)
                          if tracking_uri else None)
+    _check_mlflow_init_from(cfg, manifest, tracking_uri)  # first: a store that is not there holds no model
     if tracking_uri and tracking_uri.startswith("sqlite:///"):
         _create_sqlite_store(tracking_uri, verbose)
-    _check_mlflow_init_from(cfg, manifest, tracking_uri)
     storage_dir = f"{str(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
     local_storage = not is_uri(storage_dir)  # stop requests and the tracking spool are files there
     loop_config = {

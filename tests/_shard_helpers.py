@@ -127,8 +127,8 @@ def kill_build_after(cmd: list[str], out: Path, shards_done: int, *, cwd: Path |
 def note_and_sleep(path: str, seconds: float) -> None:
     """A pool task for the Ctrl-C tests: writes "started", then "finished" after ``seconds`` or, when
     interrupted, "interrupted" (its cleanup ran)."""
-    Path(path).write_text("started")
     try:
+        Path(path).write_text("started")  # the file exists from here: a SIGINT may come at once
         time.sleep(seconds)
     except KeyboardInterrupt:
         Path(path).write_text("interrupted")

@@ -114,24 +114,32 @@ def test_sigkill_of_a_two_worker_build_then_resume_is_byte_identical(fmnist_dir,
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
-@pytest.mark.parametrize("leaving", [KeyboardInterrupt, ValueError])
-def test_leaving_the_pool_on_an_exception_stops_running_tasks_and_starts_no_queued_one(tmp_path, leaving):
+@pytest.mark.parametrize("leaving,threaded", [(KeyboardInterrupt, False), (ValueError, False),
+                                              (KeyboardInterrupt, True)])
+def test_leaving_the_pool_on_an_exception_stops_running_tasks_and_starts_no_queued_one(tmp_path, leaving, threaded):
     """Ctrl-C to the main process alone (or a failure there): the running tasks are interrupted with
-    their cleanup, the queued ones never start, and the pool's processes are gone when it is left."""
+    their cleanup, the queued ones never start, and the pool's processes are gone when it is left.
+    With a thread running (a Ray driver, MLflow) the pool's workers come from a fork server instead."""
+    import threading
     import time
 
     from pipeline.shard.executors import process_pool
 
     notes = [tmp_path / f"task{i}" for i in range(6)]
-    with pytest.raises(leaving):
-        with process_pool(2) as pool:
-            futures = [pool.submit(note_and_sleep, str(n), 120) for n in notes]
-            deadline = time.monotonic() + 60
-            while sum(n.exists() for n in notes) < 2:
-                assert time.monotonic() < deadline, "the pool started no task"
-                time.sleep(0.01)
-            procs = list(pool._processes.values())
-            raise leaving()
+    release = threading.Event()
+    if threaded:
+        threading.Thread(target=release.wait, daemon=True).start()
+    with pytest.raises(leaving), contextlib.ExitStack() as stack:
+        stack.callback(release.set)
+        pool = stack.enter_context(process_pool(2))
+        assert not threaded or pool._mp_context.get_start_method() == "forkserver"
+        futures = [pool.submit(note_and_sleep, str(n), 120) for n in notes]
+        deadline = time.monotonic() + 60
+        while sum(n.exists() for n in notes) < 2:
+            assert time.monotonic() < deadline, "the pool started no task"
+            time.sleep(0.01)
+        procs = list(pool._processes.values())
+        raise leaving()
     assert [n.read_text() if n.exists() else None for n in notes] == ["interrupted"] * 2 + [None] * 4
     assert all(f.done() for f in futures) and not any(p.is_alive() for p in procs)
 

@@ -108,6 +108,15 @@ def test_folded_tracebacks_keep_the_exception_line_across_batches_and_chains():
     # Frames whose header Ray printed elsewhere (merged as a repeat) are folded too.
     assert folder.fold("d", ['  File "c.py", line 3, in k', "    k()", "OSError: gone"]) == ["OSError: gone"]
     assert folder.folded == 3  # a chain of exceptions is one traceback
+    # A Tune trial's actor ended by SIGTERM inside a garbage-collection callback (a sweep's Ctrl-C): a blank
+    # line among the frames is the traceback's own.
+    ignored = "Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7fae6b6ca700>"
+    assert folder.fold("t", [ignored, "Traceback (most recent call last):",
+                             '  File "/py/_weakrefset.py", line 39, in _remove', "    def _remove(item):", "",
+                             '  File "/ray/_private/worker.py", line 1063, in sigterm_handler',
+                             "    raise_sys_exit_with_custom_error_message(",
+                             '  File "python/ray/_raylet.pyx", line 712, in ray._raylet.raise_sys_exit',
+                             "SystemExit: 1"]) == [ignored, "SystemExit: 1"]
 
 
 CLEANER = ("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "

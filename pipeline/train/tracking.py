@@ -421,6 +421,6 @@ def confusion_figure(classes: list[str], confusion):
 
 __all__ = [
     "DEFAULT_TRACKING_URI", "NullTracker", "RUN_KEY_TAG", "Tracker", "confusion_figure", "default_artifact_location",
-    "find_job_run", "find_run", "job_run_id", "missing_sqlite_store", "per_class_table", "resolve_tracking_uri", "spool_dir_for",
-    "tracking_behind", "ui_hint",
+    "find_job_run", "find_run", "job_run_id", "missing_sqlite_store", "per_class_table", "resolve_tracking_uri",
+    "spool_dir_for", "tracking_behind", "ui_hint",
 ]

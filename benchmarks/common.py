@@ -189,7 +189,10 @@ def machine_info() -> dict[str, Any]:
     try:
         import torch
 
+        from pipeline.train.step import resolve_precision
+
         info["torch"] = torch.__version__
+        info["cpu_auto_precision"] = resolve_precision("auto", "cpu")  # bf16 where the CPU has AMX
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:

@@ -12,6 +12,8 @@ threads, loader and its threads, warm-up epoch), so a ratio differs in exactly o
                        ``TrainStep``). Goal: ≥ 0.95 × ``torchrun-Nw``.
 * ``plain-loop-glibc-malloc``  the plain loop with glibc's malloc as it comes (``PIPELINE_KEEP_FREED_MEMORY=0``):
                        what ``pipeline.train.hostmem`` is worth.
+* ``plain-loop-bf16`` / ``plain-loop-fp32``  the plain loop with ``train.precision`` bf16 (autocast) and fp32:
+                       what ``precision: auto`` chooses between (bf16 on CPUs with AMX, ``pipeline.train.step``).
 
 ResNet-50 on a GPU is ``pipeline bench gpu`` (``benchmarks.gpu_bench``).
 
@@ -64,15 +66,16 @@ def _shards(workdir: Path, limit: int | None) -> Path:
     return out
 
 
-def bench_config(shards: Path, workdir: Path, workers: int, epochs: int):
-    """The one config every case trains with; only ``scaling.num_workers`` (and run names) differ."""
+def bench_config(shards: Path, workdir: Path, workers: int, epochs: int, extra: list[str] = ()):
+    """The one config every case trains with; only ``scaling.num_workers`` (and run names) differ, plus a
+    case's own ``extra`` overrides (``CASE_SET``)."""
     from pipeline.train.config import load_config
 
     return load_config("fashion_mnist", [
         f"data.shards={shards}", f"run.name=bench-{workers}w-{os.getpid()}-{int(time.time() * 1000)}",
         f"run.storage_path={workdir / 'ray_results'}", f"train.epochs={epochs}", f"train.batch_size={BATCH}",
         f"scaling.num_workers={workers}", "scaling.cpus_per_worker=1", "scaling.torch_threads=1",
-        f"run.checkpoints_to_keep={epochs}", "tracking.enabled=false", "train.log_every_steps=1000000",
+        f"run.checkpoints_to_keep={epochs}", "tracking.enabled=false", "train.log_every_steps=1000000", *extra,
     ])
 
 
@@ -83,7 +86,10 @@ def loader_threads(world: int) -> int:
 
 def settings(cfg, world: int) -> dict[str, Any]:
     """What a case's training step is made of, from its config: equal across cases of one world size."""
-    return {"model": cfg.model.name, "channels_last": cfg.model.channels_last, "precision": cfg.train.precision,
+    from pipeline.train.step import resolve_precision
+
+    return {"model": cfg.model.name, "channels_last": cfg.model.channels_last,
+            "precision": resolve_precision(cfg.train.precision, "cpu"),
             "batch_per_worker": cfg.train.batch_size, "torch_threads": cfg.scaling.torch_threads,
             "loader_threads": loader_threads(world), "backend": cfg.data.backend, "augment": cfg.train.augment,
             "optimizer": cfg.optim.name, "compile": cfg.model.compile, "world_size": world,
@@ -134,7 +140,7 @@ def _loop(cfg, rank: int, world: int, synthetic: bool) -> tuple[list[float], dic
         ends.append(time.time())
     # Read back from the objects that ran, not from the config: what the test compares across cases.
     seen = {"model": cfg.model.name, "channels_last": step.memory_format == torch.channels_last,
-            "precision": cfg.train.precision, "batch_per_worker": loader.plan.batch_size,
+            "precision": step.precision, "batch_per_worker": loader.plan.batch_size,
             "torch_threads": torch.get_num_threads(), "loader_threads": loader_threads(world),
             "backend": cfg.data.backend, "augment": step.augment, "optimizer": type(optimizer).__name__.lower(),
             "compile": step.step_model is not step.model, "world_size": world,
@@ -146,7 +152,7 @@ def _run_case(args: argparse.Namespace) -> None:
     """Entry of one case's process: train, then write ``{"rates": [...], "settings": {...}}`` to ``--out``."""
     from pipeline.fileio import write_atomic
 
-    cfg = bench_config(args.shards, args.workdir, args.workers, args.epochs)
+    cfg = bench_config(args.shards, args.workdir, args.workers, args.epochs, args.overrides)
     if args.case == "ray":
         from pipeline.train.checkpoint import META_FILE, load_meta
         from pipeline.train.launch import fit
@@ -178,9 +184,10 @@ def _run_case(args: argparse.Namespace) -> None:
 # --- the driver ----------------------------------------------------------------------------------------------
 
 
-def _command(case: str, workers: int, shards: Path, workdir: Path, epochs: int, out: Path) -> list[str]:
+def _command(case: str, workers: int, shards: Path, workdir: Path, epochs: int, out: Path,
+             extra: list[str] = ()) -> list[str]:
     tail = ["--case", case, "--workers", str(workers), "--shards", str(shards), "--workdir", str(workdir),
-            "--epochs", str(epochs), "--out", str(out)]
+            "--epochs", str(epochs), "--out", str(out), *(f"--set={o}" for o in extra)]
     if case == "ddp":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
                 "--module", "benchmarks.train_bench", *tail]
@@ -189,15 +196,17 @@ def _command(case: str, workers: int, shards: Path, workdir: Path, epochs: int, 
 
 # Environment a case runs with on top of the bench's own; everything else equal to its kind's cases.
 CASE_ENV = {"plain-loop-glibc-malloc": {hostmem.ENV_VAR: "0"}}
+# Config overrides a case trains with on top of ``bench_config``'s.
+CASE_SET = {"plain-loop-bf16": ["train.precision=bf16"], "plain-loop-fp32": ["train.precision=fp32"]}
 
 
 def cases(quick: bool) -> list[tuple[str, str, str, int]]:
     """(name, role, kind, world size) in the order each round runs them."""
     out = [("plain-loop", "baseline", "plain", 1), ("synthetic", "limit", "synthetic", 1),
-           ("torchrun-2w", "baseline", "ddp", 2)]
+           ("torchrun-2w", "baseline", "ddp", 2), ("plain-loop-bf16", "case", "plain", 1)]
     if not quick:  # Ray's start-up alone costs 15-30 s on a small machine; its path has its own tests
-        out += [("ray-1w", "case", "ray", 1), ("ray-2w", "case", "ray", 2),
-                ("plain-loop-glibc-malloc", "baseline", "plain", 1)]
+        out += [("plain-loop-fp32", "baseline", "plain", 1), ("ray-1w", "case", "ray", 1),
+                ("ray-2w", "case", "ray", 2), ("plain-loop-glibc-malloc", "baseline", "plain", 1)]
     return out
 
 
@@ -299,8 +308,9 @@ def _one(name: str, kind: str, workers: int, shards: Path, workdir: Path, epochs
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]), **CASE_ENV.get(name, {}))
     # A session of its own: with the kernel's autogroup scheduling, CPU under contention is shared per
     # session, so every case gets one share, whatever else the benchmark's own session runs.
-    proc = subprocess.Popen(_command(kind, workers, shards, workdir, epochs, out), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = _command(kind, workers, shards, workdir, epochs, out, CASE_SET.get(name, []))
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     sampler = _CpuSampler(proc.pid, kind)
     try:
         stdout, stderr = proc.communicate(timeout=1800)
@@ -378,6 +388,9 @@ def goals(results: list[Result]) -> list[Ratio]:
                          goal=0.95))
         out.append(ratio(results, "ray 2 workers / 1 worker", "ray-2w", "ray-1w", metric="images_per_s"))
     out.append(ratio(results, "torchrun 2 / plain loop", "torchrun-2w", "plain-loop", metric="images_per_s"))
+    if {"plain-loop-bf16", "plain-loop-fp32"} <= found:
+        out.append(ratio(results, "plain loop bf16 autocast / fp32", "plain-loop-bf16", "plain-loop-fp32",
+                         metric="images_per_s"))
     if "plain-loop-glibc-malloc" in found:
         out.append(ratio(results, "plain loop / the same with glibc's default malloc", "plain-loop",
                          "plain-loop-glibc-malloc", metric="images_per_s"))
@@ -394,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
         _run_case(args)

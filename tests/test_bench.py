@@ -98,14 +98,15 @@ def test_quick_suite_writes_report_and_mlflow_run(tmp_path):
                                                      "torchrun 2 / plain loop"}
     # Each training case reports the settings its step really ran with (read back from the step, the
     # loader and torch in that case's own process): equal to what the shared config gives at that world size.
-    from benchmarks.train_bench import bench_config, settings
+    from benchmarks.train_bench import CASE_SET, bench_config, settings
 
     train = {r["case"]: r["params"] for r in payload["results"] if r["stage"] == "train"}
-    assert set(train) == {"plain-loop", "synthetic", "torchrun-2w"}
+    assert set(train) == {"plain-loop", "synthetic", "torchrun-2w", "plain-loop-bf16"}
     for case, params in train.items():
         world = params["world_size"]
-        expected = settings(bench_config(Path("s"), tmp_path, world, 2), world)
+        expected = settings(bench_config(Path("s"), tmp_path, world, 2, CASE_SET.get(case, [])), world)
         assert {k: params[k] for k in expected} == expected, case
+    assert train["plain-loop-bf16"]["precision"] == "bf16" and train["plain-loop"]["precision"] == "fp32"
     # No CUDA here: the GPU stage says so in one line, after building its JPEG shards on the CPU.
     if not _cuda():
         assert proc.stdout.count("bench gpu: skipped: no CUDA device") == 1
@@ -161,7 +162,7 @@ def test_cpu_sampler_splits_a_process_tree_into_ranks_and_the_rest():
 
 def test_ray_and_torchrun_cases_train_what_the_plain_loop_trains(tmp_path):
     """One config for every training case: Ray and torchrun differ from the plain loop only in world size."""
-    from benchmarks.train_bench import bench_config, cases, settings
+    from benchmarks.train_bench import CASE_SET, bench_config, cases, settings
 
     one, two = bench_config(tmp_path, tmp_path, 1, 3), bench_config(tmp_path, tmp_path, 2, 3)
     a, b = one.to_dict(), two.to_dict()
@@ -171,6 +172,11 @@ def test_ray_and_torchrun_cases_train_what_the_plain_loop_trains(tmp_path):
     assert s1["channels_last"] is True and s1["precision"] == "fp32" and s1["torch_threads"] == 1
     assert {k: v for k, v in s1.items() if k not in ("world_size", "loader_threads")} == \
         {k: v for k, v in s2.items() if k not in ("world_size", "loader_threads")}
+    # The precision cases differ from the plain loop in train.precision alone.
+    for name, precision in (("plain-loop-bf16", "bf16"), ("plain-loop-fp32", "fp32")):
+        other = settings(bench_config(tmp_path, tmp_path, 1, 3, CASE_SET[name]), 1)
+        assert other["precision"] == precision
+        assert {k: v for k, v in other.items() if k != "precision"} == {k: v for k, v in s1.items() if k != "precision"}
     # Equal world sizes are compared: every Ray case has its torchrun or plain baseline of the same size.
     full = cases(quick=False)
     worlds = {kind: {w for _, _, k, w in full if k == kind} for kind in ("plain", "ddp", "ray")}

@@ -39,7 +39,7 @@ def test_stable_keys_and_overrides():
 @pytest.mark.parametrize("override, needle", [
     (["optim.name=rmsprop"], "optim.name; allowed values: sgd, adam, adamw"),
     (["train.precison=bf16"], "unknown key 'train.precison'"),
-    (["train.precision=fp8"], "allowed values: fp32, bf16, fp16"),
+    (["train.precision=fp8"], "allowed values: auto, fp32, bf16, fp16"),
     (["train.epochs=0"], "epochs must be >= 1"),
     (["train.batch_size=big"], "train.batch_size; expected an integer"),
     (["train.precision=fp16"], "fp16 needs scaling.use_gpu"),

@@ -14,7 +14,9 @@ from torch import nn
 from pipeline.config import from_dict
 from pipeline.train.config import TrainConfig
 from pipeline.train.models import build_model, head_name
-from pipeline.train.step import TrainStep, WarmupCosine, augment, build_optimizer, precision_context, setup_torch
+from pipeline.train import step as step_module
+from pipeline.train.step import (TrainStep, WarmupCosine, augment, build_optimizer, precision_context,
+                                 resolve_precision, setup_torch)
 
 
 def _cfg(**sections) -> TrainConfig:
@@ -117,6 +119,26 @@ def test_bf16_autocast_on_cpu():
         assert model(_batch()[0]).dtype == torch.bfloat16
     loss = step(*_batch())
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx512f", "amx_tile", "amx_bf16"}, "bf16"),
+                                             ({"avx2", "avx512f", "avx512_bf16"}, "fp32"), (set(), "fp32")])
+def test_auto_precision_is_bf16_only_on_cpus_with_amx(monkeypatch, flags, expected):
+    monkeypatch.setattr(step_module, "_cpu_flags", lambda: flags)
+    assert resolve_precision("auto", "cpu") == expected
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_auto_precision_on_this_cpu_follows_its_flags_into_the_step():
+    with open("/proc/cpuinfo") as f:
+        amx = any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    cfg = _cfg(train={"precision": "auto"})
+    model = _model()
+    step = TrainStep.from_config(model, build_optimizer(model, cfg.optim), cfg, "cpu")
+    assert step.precision == ("bf16" if amx else "fp32")
+    with step.autocast:
+        assert model(_batch()[0]).dtype == (torch.bfloat16 if amx else torch.float32)
+    assert torch.isfinite(step(*_batch()))
 
 
 def test_augmentation_follows_its_own_generator():

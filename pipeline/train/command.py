@@ -15,8 +15,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "or a YAML file (default: fashion_mnist)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=5 --set scaling.num_workers=4 (repeatable)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="same as --set train.precision=…")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                   help="same as --set train.precision=… (auto: bf16 on GPUs and AMX CPUs that multiply it natively, "
+                        "else fp16 on a GPU, fp32 on a CPU)")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT_OR_MLFLOW_MODEL",
                    help="start from these weights: a checkpoint dir/file, or an MLflow model: runs:/<run id>/<model "
                         "name> (e.g. runs:/<id>/seed_cnn), models:/<model id>, models:/<name>/<version>; the head "
@@ -49,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--backend", default="auto", choices=("auto", "dali", "torch"))
     e.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"))
-    e.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    e.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"))
     e.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     e.add_argument("--log-as", default=None, metavar="NAME",
                    help="also log the figures to the MLflow run that trained the model as NAME_top1, NAME_top5, "

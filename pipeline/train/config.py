@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 ModelName = Literal["seed_cnn", "cifar_cnn", "fmnist_resnet", "resnet18", "resnet50"]
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # auto: pipeline.train.step.resolve_precision
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,6 @@ once after training sits beside the run's per-epoch validation figures in the ML
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 import time
@@ -111,6 +110,7 @@ def evaluate_model(model_ref: str, shards: str | Path, split: str = "val", *, ba
     from pipeline.data import make_loader
     from pipeline.data.presets import get_preset
     from pipeline.train.loop import evaluate
+    from pipeline.train.step import precision_context
 
     if split not in ("train", "val"):
         raise UserError(f"--split {split!r}: allowed values: train, val")
@@ -122,12 +122,7 @@ def evaluate_model(model_ref: str, shards: str | Path, split: str = "val", *, ba
     model = load_for_eval(model_ref, loader.num_classes, channels, size)
     dev = torch.device("cuda" if torch.cuda.is_available() and device != "cpu" else "cpu")
     model = model.to(dev)
-    if precision == "fp32":
-        autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
-        in_dtype = torch.float32
-    else:
-        autocast = torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-        in_dtype = None
+    autocast, _, in_dtype = precision_context(precision, dev)
     out = evaluate(model, loader, dev, autocast, loader.num_classes, in_dtype, torch.contiguous_format)
     return EvalResult(split=split, samples=out["val_samples"], loss=out["val_loss"], top1=out["val_top1"],
                       top5=out["val_top5"], classes=list(loader.class_labels), confusion=out["confusion"].numpy())

@@ -208,6 +208,7 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
                           flush_timeout_s=cfg.tracking.flush_timeout_s)
         tracker.start(loop_config["run_key"], cfg.run.name, cfg.to_dict(),
                       tags={"pipeline.model": cfg.model.name, "pipeline.shards": str(shards),
+                            "pipeline.precision": step.precision,
                             **code_tags(loop_config.get("code", {})), **loop_config.get("run_tags", {})},
                       datasets=dataset_inputs(shards, manifest,
                                               {"train": "training", cfg.data.val_split: "validation"}))
@@ -233,7 +234,8 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
              if state.step_in_epoch else f"resuming after epoch {state.epoch}")
     _say(w, f"{cfg.run.name}: {where}; {world} worker(s) × batch {cfg.train.batch_size}, {steps_per_epoch} "
             f"steps/epoch, {train_loader.num_samples} train / {val_loader.num_samples} val, "
-            f"{train_loader.backend} loader on {device}, precision {cfg.train.precision}")
+            f"{train_loader.backend} loader on {device}, precision {step.precision}"
+            f"{' (auto)' if cfg.train.precision == 'auto' else ''}")
     return w
 
 

@@ -41,9 +41,35 @@ def setup_torch(cfg: TrainConfig, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def resolve_precision(name: str, device: torch.device | str) -> str:
+    """``auto``: bf16 where the device multiplies bf16 natively, else the fastest exact choice.
+
+    On a CPU that is bf16 when it has AMX (``amx_bf16``: Xeon Sapphire Rapids and later), where
+    bf16 autocast trains about twice as fast as fp32, and fp32 elsewhere, where bf16 is emulated
+    and slower. On CUDA it is bf16 where supported (Ampere and later), else fp16 with a GradScaler.
+    Other names are returned as they are.
+    """
+    if name != "auto":
+        return name
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and "amx_bf16" in _cpu_flags() else "fp32"
+
+
 def precision_context(name: str, device: torch.device | str) -> tuple[contextlib.AbstractContextManager,
                                                                        torch.amp.GradScaler, torch.dtype | None]:
-    """The autocast context, GradScaler and input dtype for ``fp32`` / ``bf16`` / ``fp16``, built once per run."""
+    """The autocast context, GradScaler and input dtype for ``fp32`` / ``bf16`` / ``fp16`` (``auto`` resolved
+    by ``resolve_precision``), built once per run."""
+    name = resolve_precision(name, device)
     device_type = torch.device(device).type
     if name == "fp32":
         ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -138,8 +164,8 @@ def augment(x: torch.Tensor, mode: str, generator: torch.Generator | None = None
 class TrainStep:
     """One optimizer step over one batch; built once per run with ``from_config``.
 
-    Attributes the caller may read: ``memory_format``, ``in_dtype``, ``autocast``
-    and ``scaler`` (the evaluation pass and checkpoints use the same ones),
+    Attributes the caller may read: ``precision`` (``auto`` resolved), ``memory_format``,
+    ``in_dtype``, ``autocast`` and ``scaler`` (the evaluation pass and checkpoints use the same ones),
     ``generator`` (the augmentation's RNG, part of the resumable state) and
     ``frozen`` (True while the backbone is held still: set it per epoch).
     """
@@ -154,7 +180,8 @@ class TrainStep:
         self.criterion = criterion
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.autocast, self.scaler, self.in_dtype = precision_context(precision, self.device)
+        self.precision = resolve_precision(precision, self.device)
+        self.autocast, self.scaler, self.in_dtype = precision_context(self.precision, self.device)
         self.augment = augment
         self.grad_clip = grad_clip
         self.schedule = schedule
@@ -209,4 +236,4 @@ class TrainStep:
 
 
 __all__ = ["TrainStep", "WarmupCosine", "augment", "build_optimizer", "param_groups", "precision_context",
-           "setup_torch"]
+           "resolve_precision", "setup_torch"]

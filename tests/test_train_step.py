@@ -141,18 +141,37 @@ def test_auto_precision_on_this_cpu_follows_its_flags_into_the_step():
     assert torch.isfinite(step(*_batch()))
 
 
-def test_augmentation_follows_its_own_generator():
-    cfg = _cfg(train={"augment": "flip_shift"})
+@pytest.mark.parametrize("mode", ["flip_shift", "flip_erase"])
+def test_augmentation_follows_its_own_generator(mode):
+    cfg = _cfg(train={"augment": mode})
     model = _model()
     step = TrainStep.from_config(model, build_optimizer(model, cfg.optim), cfg, "cpu")
     saved = step.generator.get_state()
-    x = torch.arange(2 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4).repeat(16, 1, 1, 1)
+    x = torch.arange(2 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4).repeat(16, 1, 1, 1) + 1
     torch.manual_seed(0)
-    first = augment(x, "flip_shift", step.generator)
+    first = augment(x, mode, step.generator)
     torch.manual_seed(1)  # the global RNG plays no part
     step.generator.set_state(saved)
-    torch.testing.assert_close(augment(x, "flip_shift", step.generator), first, rtol=0, atol=0)
-    assert not torch.equal(augment(x, "flip_shift", step.generator), first)
+    torch.testing.assert_close(augment(x, mode, step.generator), first, rtol=0, atol=0)
+    assert not torch.equal(augment(x, mode, step.generator), first)
+
+
+def test_random_erasing_blanks_one_rectangle_in_about_half_the_images():
+    n, h, w = 4000, 28, 28
+    x = torch.ones(n, 1, h, w).to(memory_format=torch.channels_last)
+    out = augment(x, "flip_erase", torch.Generator().manual_seed(5))
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    erased = out[:, 0] == 0
+    hit = erased.flatten(1).any(1)
+    assert 0.45 < hit.float().mean().item() < 0.55
+    share = erased.flatten(1).float().mean(1)[hit]
+    # Areas are drawn from 2-25 % of the image (rounded to whole pixels) and stay inside it.
+    assert share.min().item() >= 0.01 and share.max().item() <= 0.3
+    for img in erased[hit][:200]:  # the erased pixels form one full rectangle
+        rows, cols = img.any(1).nonzero().flatten(), img.any(0).nonzero().flatten()
+        assert img.sum().item() == len(rows) * len(cols)
+        assert rows.diff().eq(1).all() and cols.diff().eq(1).all()
+    assert torch.equal(out[:, 0][~erased], x[:, 0][~erased])  # nothing else changes: the images are flip-symmetric
 
 
 def test_setup_torch_threads_and_seeds():

@@ -91,7 +91,9 @@ class TrainSection:
     max_steps_per_epoch: int | None = None  # cap for smoke runs and benchmarks; None = whole epoch
     init_from: str | None = None  # checkpoint dir/file or MLflow model (runs:/<run id>/<model name>, models:/…)
     freeze_backbone_epochs: int = 0  # with init_from: train only the new head for this many epochs
-    augment: Literal["none", "flip", "flip_shift"] = "none"  # cheap batch-level augmentation on the device
+    # Cheap batch-level augmentation on the device (pipeline.train.step.augment): flips, plus a shift of the
+    # whole batch (flip_shift) or random erasing of each image (flip_erase).
+    augment: Literal["none", "flip", "flip_shift", "flip_erase"] = "none"
     # Validation after every N-th epoch and always after the last; 0: after the last epoch only (a
     # held-out split that must be read once, or a val pass that costs too much to run every epoch).
     val_every_epochs: int = 1

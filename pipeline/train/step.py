@@ -137,21 +137,53 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     return cls(groups, lr=cfg.lr, betas=cfg.betas)
 
 
+def _to_device(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A mask drawn on the CPU, copied to ``device`` without a host sync (from pinned memory on CUDA)."""
+    if device.type == "cuda":
+        mask = mask.pin_memory()
+    return mask.to(device, non_blocking=True)
+
+
+def _erase_masks(n: int, h: int, w: int, generator: torch.Generator | None,
+                 p: float = 0.5, area: tuple[float, float] = (0.02, 0.25), ratio: float = 0.3) -> torch.Tensor:
+    """``(n, 1, h, w)`` booleans: one random rectangle per image, in a fraction ``p`` of the images."""
+    frac = torch.empty(n).uniform_(area[0], area[1], generator=generator) * (h * w)
+    aspect = torch.empty(n).uniform_(math.log(ratio), -math.log(ratio), generator=generator).exp()
+    eh = (frac * aspect).sqrt().round().clamp(1, h)
+    ew = (frac / aspect).sqrt().round().clamp(1, w)
+    y0 = (torch.rand(n, generator=generator) * (h - eh + 1)).floor()
+    x0 = (torch.rand(n, generator=generator) * (w - ew + 1)).floor()
+    on = torch.rand(n, generator=generator) < p
+    ys = torch.arange(h).view(1, h, 1)
+    xs = torch.arange(w).view(1, 1, w)
+
+    def col(t: torch.Tensor) -> torch.Tensor:
+        return t.view(n, 1, 1)
+
+    rows = (ys >= col(y0)) & (ys < col(y0 + eh))
+    cols = (xs >= col(x0)) & (xs < col(x0 + ew))
+    return (col(on) & rows & cols).unsqueeze(1)
+
+
 def augment(x: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Batch-level augmentation on the training device: random horizontal flips, random shifts of ±2 px.
+    """Batch-level augmentation on the training device: random horizontal flips, then for ``flip_shift`` a
+    random shift of ±2 px of the whole batch, for ``flip_erase`` random erasing of each image.
 
     Tensor ops over the whole batch (no per-sample Python); on the loader's
-    normalised images, the zero padding of a shift is the dataset mean. The
-    random draws come from ``generator`` (a CPU generator, so its state is
-    checkpointed and resumed with the run; the global torch RNG when None).
+    normalised images, zero is the dataset mean: the padding of a shift and the
+    fill of an erased rectangle. Random erasing (Zhong et al., 2017) blanks, in
+    half of the images, one rectangle of 2-25 % of the image with an aspect
+    ratio between 0.3 and 3.3. The random draws come from ``generator`` (a CPU
+    generator, so its state is checkpointed and resumed with the run; the
+    global torch RNG when None) and reach the device as masks (no host sync).
     """
     if mode == "none":
         return x
     n = x.shape[0]
     flip = torch.rand(n, 1, 1, 1, generator=generator) < 0.5
-    if x.device.type == "cuda":
-        flip = flip.pin_memory()
-    x = torch.where(flip.to(x.device, non_blocking=True), x.flip(3), x)
+    x = torch.where(_to_device(flip, x.device), x.flip(3), x)
+    if mode == "flip_erase":
+        x = x.masked_fill(_to_device(_erase_masks(n, x.shape[2], x.shape[3], generator), x.device), 0.0)
     if mode == "flip_shift":
         pad = 2
         h, w = x.shape[2], x.shape[3]

@@ -106,7 +106,13 @@ def test_quick_suite_writes_report_and_mlflow_run(tmp_path):
         world = params["world_size"]
         expected = settings(bench_config(Path("s"), tmp_path, world, 2, CASE_SET.get(case, [])), world)
         assert {k: params[k] for k in expected} == expected, case
-    assert train["plain-loop-bf16"]["precision"] == "bf16" and train["plain-loop"]["precision"] == "fp32"
+    from pipeline.train.config import load_config
+    from pipeline.train.step import resolve_precision
+
+    # The bundled config's precision, as the step resolves it (auto: bf16 on a CPU with AMX, else fp32).
+    shipped = load_config("fashion_mnist").train.precision
+    assert train["plain-loop"]["precision"] == resolve_precision(shipped, "cpu")
+    assert train["plain-loop-bf16"]["precision"] == "bf16"
     # No CUDA here: the GPU stage says so in one line, after building its JPEG shards on the CPU.
     if not _cuda():
         assert proc.stdout.count("bench gpu: skipped: no CUDA device") == 1
@@ -169,7 +175,10 @@ def test_ray_and_torchrun_cases_train_what_the_plain_loop_trains(tmp_path):
     differ = {(section, key) for section in a for key in a[section] if a[section][key] != b[section][key]}
     assert differ == {("scaling", "num_workers"), ("run", "name")}
     s1, s2 = settings(one, 1), settings(two, 2)
-    assert s1["channels_last"] is True and s1["precision"] == "fp32" and s1["torch_threads"] == 1
+    from pipeline.train.step import resolve_precision
+
+    assert s1["channels_last"] is True and s1["precision"] == resolve_precision(one.train.precision, "cpu")
+    assert s1["torch_threads"] == 1
     assert {k: v for k, v in s1.items() if k not in ("world_size", "loader_threads")} == \
         {k: v for k, v in s2.items() if k not in ("world_size", "loader_threads")}
     # The precision cases differ from the plain loop in train.precision alone.

@@ -24,6 +24,7 @@ from pipeline.train.checkpoint import load_meta, load_state
 from pipeline.train.config import load_config
 from pipeline.train.launch import fit
 from pipeline.train.state import best_dir
+from pipeline.train.step import resolve_precision
 from pipeline.train.tracking import RUN_KEY_TAG
 from conftest import make_label_folder
 from _proc import descendants_with
@@ -140,7 +141,10 @@ def test_checkpoint_loads_weights_only_and_evaluate_agrees(killed_run, work, cap
     state = torch.load(Path(result.checkpoint_path) / "state.pt", weights_only=True)
     assert state["epoch"] == 3 and state["global_step"] == 3 * (1024 // (2 * 64))
     assert set(state) >= {"model", "optimizer", "scaler", "schedule"}
-    assert main(["evaluate", "--model", result.checkpoint_path, "--shards", str(work["fm"]), "--json"]) == 0
+    # With the precision the job validated in (auto: bf16 on a CPU with AMX, else fp32).
+    precision = resolve_precision(load_config("fashion_mnist").train.precision, "cpu")
+    assert main(["evaluate", "--model", result.checkpoint_path, "--shards", str(work["fm"]), "--json",
+                 "--precision", precision]) == 0
     import json
 
     out = json.loads(capsys.readouterr().out)

@@ -21,6 +21,7 @@ from pipeline.shard.manifest import read_manifest
 from pipeline.train.config import load_config
 from pipeline.train.launch import fit, summary
 from pipeline.train.lineage import dataset_inputs
+from pipeline.train.step import resolve_precision
 from pipeline.train.sysmetrics import NodeMonitor, node_name
 from pipeline.train.tracking import Tracker, spool_dir_for
 from pipeline.train.tracking_queue import Spool
@@ -52,7 +53,7 @@ def job(tmp_path_factory, fmnist_dir, ray_local):
             f"tracking.tracking_uri={server.uri}", "tracking.experiment=lineage",
             "tracking.register_model=fm-classifier", "tracking.system_metrics_interval_s=1",
             "tracking.flush_timeout_s=2", "train.epochs=2", "train.batch_size=64", "train.log_every_steps=2",
-            "scaling.num_workers=2", "scaling.cpus_per_worker=1",
+            "scaling.num_workers=2", "scaling.cpus_per_worker=1", "train.precision=auto",
         ])
         storage_dir = root / "ray_results" / "lineage"
         stopped: list[float] = []
@@ -104,6 +105,7 @@ def test_the_run_names_its_datasets_and_code(job):
     tags = run.data.tags
     assert tags["mlflow.source.name"] == "pipeline train" and len(tags["mlflow.source.git.commit"]) == 40
     assert tags["pipeline.version"] and tags["pipeline.command"]
+    assert tags["pipeline.precision"] == resolve_precision("auto", "cpu")  # auto as the workers resolved it
     assert run.info.status == "FINISHED"
 
 

@@ -70,7 +70,8 @@ def _kill_a_worker_after_first_checkpoint(storage: Path, killed: list[int], stop
 
 @pytest.fixture(scope="module")
 def killed_run(work, ray_local):
-    cfg = _cfg(work, "fm-job", "train.epochs=3", "run.max_failures=2")
+    # With a weight average: it must come back from the checkpoint with the rest of the state.
+    cfg = _cfg(work, "fm-job", "train.epochs=3", "run.max_failures=2", "train.ema_decay=0.99")
     killed: list[int] = []
     stop = threading.Event()
     watcher = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
@@ -140,15 +141,16 @@ def test_checkpoint_loads_weights_only_and_evaluate_agrees(killed_run, work, cap
     result, _ = killed_run
     state = torch.load(Path(result.checkpoint_path) / "state.pt", weights_only=True)
     assert state["epoch"] == 3 and state["global_step"] == 3 * (1024 // (2 * 64))
-    assert set(state) >= {"model", "optimizer", "scaler", "schedule"}
-    # With the precision the job validated in (auto: bf16 on a CPU with AMX, else fp32).
+    assert set(state) >= {"model", "optimizer", "scaler", "schedule", "ema"}
+    assert state["ema"]["updates"] == state["global_step"]  # resumed with the run, not started again
+    # By default in the precision the job validated in, which the checkpoint records (auto resolved).
     precision = resolve_precision(load_config("fashion_mnist").train.precision, "cpu")
-    assert main(["evaluate", "--model", result.checkpoint_path, "--shards", str(work["fm"]), "--json",
-                 "--precision", precision]) == 0
+    assert load_meta(result.checkpoint_path)["precision"] == precision
+    assert main(["evaluate", "--model", result.checkpoint_path, "--shards", str(work["fm"]), "--json"]) == 0
     import json
 
     out = json.loads(capsys.readouterr().out)
-    assert out["samples"] == 1024 and out["top1"] == pytest.approx(result.metrics["val_top1"], abs=2e-3)
+    assert out["precision"] == precision and out["samples"] == 1024 and out["top1"] == pytest.approx(result.metrics["val_top1"], abs=2e-3)
     assert set(out["per_class"]) == set(load_meta(result.checkpoint_path)["classes"])
 
     # --log-as: the figures go into the job's own MLflow run, found from the checkpoint's directory.

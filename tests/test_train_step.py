@@ -213,3 +213,74 @@ def test_cpu_training_processes_keep_large_blocks_off_mmap(env, expected):
                          env={**os.environ, "PIPELINE_KEEP_FREED_MEMORY": env})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == expected.split()
+
+
+def test_weight_average_follows_the_decay_schedule_and_is_what_gets_evaluated():
+    cfg = _cfg(model={"name": "fmnist_resnet"}, optim={"name": "adamw", "lr": 0.01}, train={"ema_decay": 0.5})
+    torch.manual_seed(0)
+    model = build_model("fmnist_resnet", 10, 1, 28)
+    step = TrainStep.from_config(model, build_optimizer(model, cfg.optim), cfg, "cpu")
+    assert step.eval_model is step.ema.module and step.eval_model is not model
+    expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for i in range(12):
+        step(*_batch(seed=i))
+        d = min(0.5, (1 + i + 1) / (10 + i + 1))
+        assert step.ema.decay_at(i + 1) == pytest.approx(d)
+        for k, v in model.state_dict().items():
+            expected[k] = d * expected[k] + (1 - d) * v if v.is_floating_point() else v.clone()
+    assert step.ema.updates == 12 and step.ema.decay_at(12) == 0.5  # the warm-up has handed over to the decay
+    averaged = step.ema.module.state_dict()
+    for k, v in expected.items():  # BN running statistics are averaged too; the batch counter is copied
+        torch.testing.assert_close(averaged[k], v, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(averaged["fc.0.weight"], model.state_dict()["fc.0.weight"])
+    assert not step.ema.module.training and not any(p.requires_grad for p in step.ema.module.parameters())
+
+
+def test_no_weight_average_by_default():
+    cfg = _cfg()
+    model = _model()
+    step = TrainStep.from_config(model, build_optimizer(model, cfg.optim), cfg, "cpu")
+    assert step.ema is None and step.eval_model is model
+
+
+def test_weight_average_round_trips_through_the_checkpoint(tmp_path):
+    from pipeline.train.checkpoint import load_model, result_weights
+    from pipeline.train.state import RunState
+
+    cfg = _cfg(optim={"name": "adamw", "lr": 0.01}, train={"ema_decay": 0.99})
+
+    class _Loader:
+        def state_dict(self):
+            return {}
+
+    def run(model):
+        step = TrainStep.from_config(model, build_optimizer(model, cfg.optim), cfg, "cpu")
+        return step, RunState(model, step, _Loader(), rank=0, world_size=1, keep_best_by="val_top1")
+
+    model = _model()
+    step, state = run(model)
+    for i in range(5):
+        step(*_batch(seed=i))
+    state.save(tmp_path, {"model": "seed_cnn", "num_classes": 10, "in_channels": 1, "image_size": 28})
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert saved["ema"]["updates"] == 5
+    for k, v in step.ema.module.state_dict().items():
+        assert torch.equal(result_weights(saved)[k], v)
+    loaded, _ = load_model(tmp_path)  # pipeline evaluate and --init-from see the average
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, step.ema.module.state_dict()[k])
+
+    resumed = _model(seed=1)
+    resumed.load_state_dict(saved["model"])  # as the worker loop does, before the step is built
+    step2, state2 = run(resumed)
+    state2.load_state_dict(saved)
+    assert step2.ema.updates == 5
+    for k, v in step.ema.module.state_dict().items():
+        assert torch.equal(step2.ema.module.state_dict()[k], v)
+    x, y = _batch(seed=9)
+    step(x, y)
+    step2(x, y)
+    for k, v in step.ema.module.state_dict().items():
+        torch.testing.assert_close(step2.ema.module.state_dict()[k], v, rtol=0, atol=0)
+    del saved["ema"]
+    assert result_weights(saved) is saved["model"]  # a run without an average offers its trained weights

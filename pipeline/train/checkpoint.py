@@ -1,6 +1,6 @@
 """Checkpoint layout: a directory holding ``state.pt`` (tensors and plain dicts) and ``meta.json``.
 
-``state.pt`` loads with ``torch.load(weights_only=True)``: model, optimizer,
+``state.pt`` loads with ``torch.load(weights_only=True)``: model (and its weight average), optimizer,
 GradScaler and schedule state, epoch and global step, the best validation score
 so far. ``meta.json`` says what the model is (architecture, classes, input
 shape) so ``pipeline evaluate`` and ``--init-from`` can rebuild it without the
@@ -108,6 +108,13 @@ def load_meta(path: str | Path) -> dict[str, Any]:
         raise UserError(f"cannot read {p}: {exc}") from None
 
 
+def result_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a ``state.pt`` offers as the run's result: the moving average where the run kept one
+    (``train.ema_decay``, ``pipeline.train.ema``), else the trained weights."""
+    ema = state.get("ema")
+    return ema["model"] if ema else state["model"]
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model saved in a checkpoint; returns ``(model, meta)``."""
     from pipeline.train.models import build_model
@@ -119,9 +126,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
                         "was it written by pipeline train?")
     model = build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
                         meta.get("dropout", 0.0))
-    model.load_state_dict(load_state(path, map_location)["model"])
+    model.load_state_dict(result_weights(load_state(path, map_location)))
     return model, meta
 
 
 __all__ = ["META_FILE", "STATE_FILE", "clear_stale_staging", "load_meta", "load_model", "load_state",
-           "save_checkpoint", "staging_dir", "unwrap"]
+           "result_weights", "save_checkpoint", "staging_dir", "unwrap"]

@@ -97,8 +97,13 @@ class TrainSection:
     # Validation after every N-th epoch and always after the last; 0: after the last epoch only (a
     # held-out split that must be read once, or a val pass that costs too much to run every epoch).
     val_every_epochs: int = 1
+    # An exponential moving average of the weights (pipeline.train.ema), updated after every step: the model
+    # that is validated, checkpointed as the result and logged. null: off; e.g. 0.999 (a ~1,000-step horizon).
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:

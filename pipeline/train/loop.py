@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.metrics import ThroughputMeter
-from pipeline.train.checkpoint import clear_stale_staging, load_state, staging_dir, unwrap
+from pipeline.train.checkpoint import clear_stale_staging, load_state, result_weights, staging_dir, unwrap
 from pipeline.train.config import MLFLOW_MODEL_SCHEMES, TrainConfig, config_from_dict
 from pipeline.train.console import WorkerConsole
 from pipeline.train.coverage import log_coverage
@@ -47,7 +47,7 @@ def _init_weights(model: nn.Module, source: str, tracking_uri: str | None) -> li
         mlflow.set_tracking_uri(tracking_uri or resolve_tracking_uri(None))
         state = unwrap(mlflow.pytorch.load_model(source, map_location="cpu")).state_dict()
     else:
-        state = load_state(source)["model"]
+        state = result_weights(load_state(source))
     return load_backbone(model, state)
 
 
@@ -169,7 +169,7 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
     model = build_model(cfg.model.name, train_loader.num_classes, in_channels, image_size, cfg.model.dropout)
     meta = {"model": cfg.model.name, "num_classes": train_loader.num_classes, "in_channels": in_channels,
             "image_size": image_size, "dropout": cfg.model.dropout, "classes": list(train_loader.classes),
-            "class_labels": list(train_loader.class_labels),
+            "class_labels": list(train_loader.class_labels), "ema_decay": cfg.train.ema_decay,
             "preset": train_loader.preset, "shards": str(shards), "run_name": cfg.run.name}
 
     # Ray's registered checkpoint, or a newer complete one on storage it never heard of (a lost node).
@@ -194,6 +194,7 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
     schedule = WarmupCosine(optimizer, cfg.optim, cfg.train.epochs * steps_per_epoch, steps_per_epoch)
     model = ray.train.torch.prepare_model(model, move_to_device=False)
     step = TrainStep.from_config(model, optimizer, cfg, device, schedule, frozen_params=backbone_params)
+    meta["precision"] = step.precision  # pipeline evaluate's default
     state = RunState(model, step, train_loader, rank=rank, world_size=world, keep_best_by=cfg.run.keep_best_by)
     control = Control.for_worker(loop_config["run_key"], rank, world, cfg.run)  # and SIGTERM to this worker
     restart_note = None
@@ -321,8 +322,9 @@ def _end_epoch(w: _Worker, epoch: int, meter: ThroughputMeter) -> dict[str, Any]
 
 
 def _validate(w: _Worker) -> dict[str, Any]:
-    """The val split through the model with the training step's precision and memory format."""
-    return evaluate(unwrap(w.model), w.val_loader, w.device, w.step.autocast, w.train_loader.num_classes,
+    """The val split through the model (its weight average, if kept) with the training step's precision and
+    memory format."""
+    return evaluate(w.step.eval_model, w.val_loader, w.device, w.step.autocast, w.train_loader.num_classes,
                     w.step.in_dtype, w.step.memory_format)
 
 
@@ -357,7 +359,7 @@ def _finish(w: _Worker, val: dict[str, Any]) -> None:
         best = best_dir(w.storage_dir)
         if best.is_dir():
             w.tracker.log_artifacts(best, "best_checkpoint")
-        _log_final(w.tracker, unwrap(w.model), w.meta, val["confusion"], w.cfg)
+        _log_final(w.tracker, w.step.eval_model, w.meta, val["confusion"], w.cfg)
         w.tracker.end("FINISHED")
 
 

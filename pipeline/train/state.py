@@ -2,7 +2,8 @@
 
 A checkpoint directory holds, besides ``meta.json``:
 
-* ``state.pt`` (rank 0): model, optimizer, GradScaler, schedule, epochs completed,
+* ``state.pt`` (rank 0): model, its weight average (``train.ema_decay``), optimizer,
+  GradScaler, schedule, epochs completed,
   batches done in the epoch in progress, global step, best score so far;
 * ``rank-<r>.pt`` (one per rank, each written by its own rank; Ray Train merges
   the ranks' directories into one): that rank's RNGs (torch, CUDA, NumPy,
@@ -89,12 +90,15 @@ class RunState:
     def state_dict(self) -> dict[str, Any]:
         """The part every rank shares (rank 0 writes it)."""
         ts = self.train_step
-        return {
+        state = {
             "model": unwrap(self.model).state_dict(), "optimizer": ts.optimizer.state_dict(),
             "scaler": ts.scaler.state_dict(), "schedule": ts.schedule.state_dict() if ts.schedule else {},
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "best": dict(self.best), "world_size": self.world_size,
         }
+        if ts.ema is not None:
+            state["ema"] = ts.ema.state_dict()
+        return state
 
     def rank_state_dict(self) -> dict[str, Any]:
         """This rank's own part: its RNGs and where its loader is."""
@@ -102,8 +106,11 @@ class RunState:
                 "epoch_sums": (self.loss_sum.detach().cpu(), self.seen)}  # host sync: once per checkpoint
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the shared part (the model's weights are loaded before it is moved and wrapped)."""
+        """Restore the shared part (the model's weights are loaded before it is moved and wrapped). A run that
+        turns ``train.ema_decay`` on at a resume starts its average from the resumed weights."""
         ts = self.train_step
+        if ts.ema is not None and state.get("ema"):
+            ts.ema.load_state_dict(state["ema"])
         ts.optimizer.load_state_dict(state["optimizer"])
         ts.scaler.load_state_dict(state["scaler"])
         if ts.schedule is not None and state.get("schedule"):

@@ -23,6 +23,7 @@ from torch import nn
 
 from pipeline.train.checkpoint import unwrap
 from pipeline.train.config import TrainConfig
+from pipeline.train.ema import WeightAverage
 from pipeline.train.hostmem import keep_freed_memory
 
 
@@ -198,14 +199,16 @@ class TrainStep:
 
     Attributes the caller may read: ``precision`` (``auto`` resolved), ``memory_format``,
     ``in_dtype``, ``autocast`` and ``scaler`` (the evaluation pass and checkpoints use the same ones),
-    ``generator`` (the augmentation's RNG, part of the resumable state) and
-    ``frozen`` (True while the backbone is held still: set it per epoch).
+    ``generator`` (the augmentation's RNG, part of the resumable state),
+    ``frozen`` (True while the backbone is held still: set it per epoch), ``ema`` (the
+    ``WeightAverage`` updated after every step, or None) and ``eval_model`` (what to evaluate).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                  device: torch.device, *, precision: str = "fp32", channels_last: bool = False,
                  augment: str = "none", grad_clip: float | None = None, schedule: WarmupCosine | None = None,
-                 frozen_params: Iterable[nn.Parameter] = (), compile: bool = False, seed: int = 0) -> None:
+                 frozen_params: Iterable[nn.Parameter] = (), compile: bool = False, seed: int = 0,
+                 ema_decay: float | None = None) -> None:
         self.model = model
         self.step_model = torch.compile(model) if compile else model
         self.optimizer = optimizer
@@ -220,6 +223,7 @@ class TrainStep:
         self.frozen_params = list(frozen_params)
         self.frozen = bool(self.frozen_params)
         self.generator = torch.Generator().manual_seed(seed)
+        self.ema = WeightAverage(model, ema_decay) if ema_decay else None  # the model is on its device by now
         self.lr = schedule.lr_at(schedule.step_num) if schedule is not None else optimizer.param_groups[0]["lr"]
 
     @classmethod
@@ -236,7 +240,12 @@ class TrainStep:
         return cls(model, optimizer, criterion, device, precision=cfg.train.precision,
                    channels_last=cfg.model.channels_last, augment=cfg.train.augment, grad_clip=cfg.optim.grad_clip,
                    schedule=schedule, frozen_params=frozen_params, compile=cfg.model.compile,
-                   seed=cfg.train.seed * 1_000_003 + rank)
+                   seed=cfg.train.seed * 1_000_003 + rank, ema_decay=cfg.train.ema_decay)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model to validate, checkpoint as the result and log: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else unwrap(self.model)
 
     def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch on the step's device, in its input dtype and memory format (asynchronous copies)."""
@@ -264,6 +273,8 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
         return loss.detach()
 
 

@@ -148,7 +148,8 @@ def test_top1(storage: Path, run_name: str, shards: Path, tracking_uri: str | No
         raise RuntimeError(f"no checkpoint under {storage / run_name}")
     last = max(ckpts, key=lambda p: load_meta(p)["epoch"])
     t0 = time.perf_counter()
-    res = evaluate_model(str(last), shards, "val", backend="auto", device="cpu")
+    # fp32, whatever the job trained in: the most exact figure, and the one every result so far used.
+    res = evaluate_model(str(last), shards, "val", backend="auto", device="cpu", precision="fp32")
     seconds = time.perf_counter() - t0
     if tracking_uri:
         RunLog(str(last), "test", tracking_uri).log(res, shards)

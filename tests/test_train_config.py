@@ -219,8 +219,22 @@ def test_evaluate_uses_the_preset_the_checkpoint_recorded(tmp_path):
     assert main(["shard", str(src), str(tmp_path / "shards"), "--val-fraction", "0.5", "--no-progress"]) == 0
     model = build_model("seed_cnn", 3, 1, 28)
     meta = {"model": "seed_cnn", "num_classes": 3, "in_channels": 1, "image_size": 28,
-            "classes": ["dark", "light", "mid"], "preset": "mnist"}
+            "classes": ["dark", "light", "mid"], "preset": "mnist", "precision": "bf16"}
     save_checkpoint(tmp_path / "ckpt", {"model": model.state_dict(), "epoch": 1}, meta)
     res = evaluate_model(str(tmp_path / "ckpt"), tmp_path / "shards", "val", batch_size=4, backend="torch",
                          device="cpu")
     assert res.samples == 6 and res.classes == ["dark", "light", "mid"] and 0.0 <= res.top1 <= 1.0
+    assert res.precision == "bf16"  # the precision it was trained in, also recorded
+    forced = evaluate_model(str(tmp_path / "ckpt"), tmp_path / "shards", "val", batch_size=4, backend="torch",
+                            device="cpu", precision="fp32")
+    assert forced.precision == "fp32" and "(fp32)" in forced.format().splitlines()[0]
+
+
+@pytest.mark.parametrize("trained, device, expected", [
+    ("bf16", "cpu", "bf16"), ("fp32", "cuda", "fp32"), ("fp16", "cuda", "fp16"), ("fp16", "cpu", "fp32"),
+    (None, "cpu", "fp32"), ("auto", "cpu", "fp32"),
+])
+def test_evaluate_defaults_to_the_precision_the_model_was_trained_in(trained, device, expected):
+    from pipeline.train.evaluate import default_precision
+
+    assert default_precision(trained, torch.device(device)) == expected

@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--backend", default="auto", choices=("auto", "dali", "torch"))
     e.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"))
-    e.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"))
+    e.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"),
+                   help="default: what the checkpoint was trained in (fp32 for MLflow models and for fp16 off CUDA)")
     e.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     e.add_argument("--log-as", default=None, metavar="NAME",
                    help="also log the figures to the MLflow run that trained the model as NAME_top1, NAME_top5, "
@@ -107,7 +108,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                          device=args.device, precision=args.precision)
     if args.json:
         print(json.dumps({"split": res.split, "samples": res.samples, "top1": res.top1, "top5": res.top5,
-                          "loss": res.loss, "per_class": {c: a for c, _, a in res.per_class()}}))
+                          "loss": res.loss, "precision": res.precision,
+                          "per_class": {c: a for c, _, a in res.per_class()}}))
     else:
         print(res.format())
     if run_log is not None:

@@ -34,6 +34,7 @@ class EvalResult:
     top5: float
     classes: list[str]  # per-class labels: the class id, plus its human name when the shards record one
     confusion: Any  # numpy int64 [num_classes, num_classes], rows = true label
+    precision: str = "fp32"  # what the forward passes ran in
 
     def per_class(self) -> list[tuple[str, int, float]]:
         """(class, samples, accuracy) per label."""
@@ -46,7 +47,7 @@ class EvalResult:
     def format(self) -> str:
         """Human-readable report: totals, then one line per class."""
         lines = [f"{self.split}: {self.samples} samples  top-1 {self.top1:.4f}  top-5 {self.top5:.4f}  "
-                 f"loss {self.loss:.4f}", "per-class accuracy:"]
+                 f"loss {self.loss:.4f}  ({self.precision})", "per-class accuracy:"]
         width = max((len(c) for c in self.classes), default=5)
         for name, n, acc in self.per_class():
             lines.append(f"  {name:<{width}}  {acc:.4f}  ({n} samples)")
@@ -95,37 +96,49 @@ def load_for_eval(model_ref: str, num_classes: int, in_channels: int, image_size
     return model
 
 
-def _trained_preset(model_ref: str) -> str | None:
-    """The preset recorded in a checkpoint's meta, or None (MLflow URIs, checkpoints from before it was recorded)."""
+def _trained_meta(model_ref: str) -> dict[str, Any]:
+    """A checkpoint's meta ({} for MLflow URIs): the preset and precision it was trained with, where recorded."""
     from pipeline.train.checkpoint import load_meta
 
     if model_ref.startswith(MLFLOW_MODEL_SCHEMES) or not Path(model_ref).exists():
-        return None
-    return load_meta(model_ref).get("preset")
+        return {}
+    return load_meta(model_ref)
+
+
+def default_precision(trained: str | None, device: torch.device) -> str:
+    """What ``evaluate`` runs in unless told: the precision the model was trained in (a checkpoint records
+    it; ``auto`` resolved), so the figures match the job's own validation; fp32 where none is recorded
+    and for fp16 off CUDA."""
+    if trained in ("bf16", "fp32") or (trained == "fp16" and device.type == "cuda"):
+        return trained
+    return "fp32"
 
 
 def evaluate_model(model_ref: str, shards: str | Path, split: str = "val", *, batch_size: int = 256,
-                   backend: str = "auto", device: str = "auto", precision: str = "fp32") -> EvalResult:
-    """Evaluate ``model_ref`` on ``shards``/``split`` in this process."""
+                   backend: str = "auto", device: str = "auto", precision: str | None = None) -> EvalResult:
+    """Evaluate ``model_ref`` on ``shards``/``split`` in this process (``precision`` None: ``default_precision``)."""
     from pipeline.data import make_loader
     from pipeline.data.presets import get_preset
     from pipeline.train.loop import evaluate
-    from pipeline.train.step import precision_context
+    from pipeline.train.step import precision_context, resolve_precision
 
     if split not in ("train", "val"):
         raise UserError(f"--split {split!r}: allowed values: train, val")
     # The model sees its inputs through the preset it was trained with (``data.preset`` may have
     # overridden the shard set's); MLflow models carry no meta and use the shard set's preset.
-    preset = _trained_preset(model_ref)
+    trained = _trained_meta(model_ref)
+    preset = trained.get("preset")
     loader = make_loader(shards, split, batch_size=batch_size, backend=backend, device=device, preset=preset)
     channels, size, _ = get_preset(loader.preset).output_shape()
     model = load_for_eval(model_ref, loader.num_classes, channels, size)
     dev = torch.device("cuda" if torch.cuda.is_available() and device != "cpu" else "cpu")
     model = model.to(dev)
+    precision = resolve_precision(precision or default_precision(trained.get("precision"), dev), dev)
     autocast, _, in_dtype = precision_context(precision, dev)
     out = evaluate(model, loader, dev, autocast, loader.num_classes, in_dtype, torch.contiguous_format)
     return EvalResult(split=split, samples=out["val_samples"], loss=out["val_loss"], top1=out["val_top1"],
-                      top5=out["val_top5"], classes=list(loader.class_labels), confusion=out["confusion"].numpy())
+                      top5=out["val_top5"], classes=list(loader.class_labels), confusion=out["confusion"].numpy(),
+                      precision=precision)
 
 
 _LOG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")
@@ -199,4 +212,4 @@ class RunLog:
                              f"eval/{name}_per_class_accuracy.csv")
 
 
-__all__ = ["EvalResult", "RunLog", "evaluate_model", "load_for_eval", "training_run_id"]
+__all__ = ["EvalResult", "RunLog", "default_precision", "evaluate_model", "load_for_eval", "training_run_id"]

@@ -92,8 +92,8 @@ def settings(cfg, world: int) -> dict[str, Any]:
             "precision": resolve_precision(cfg.train.precision, "cpu"),
             "batch_per_worker": cfg.train.batch_size, "torch_threads": cfg.scaling.torch_threads,
             "loader_threads": loader_threads(world), "backend": cfg.data.backend, "augment": cfg.train.augment,
-            "optimizer": cfg.optim.name, "compile": cfg.model.compile, "world_size": world,
-            "keep_freed_memory": hostmem.wanted()}
+            "optimizer": cfg.optim.name, "compile": cfg.model.compile, "ema_decay": cfg.train.ema_decay,
+            "world_size": world, "keep_freed_memory": hostmem.wanted()}
 
 
 # --- the cases' own processes -------------------------------------------------------------------------------
@@ -143,8 +143,8 @@ def _loop(cfg, rank: int, world: int, synthetic: bool) -> tuple[list[float], dic
             "precision": step.precision, "batch_per_worker": loader.plan.batch_size,
             "torch_threads": torch.get_num_threads(), "loader_threads": loader_threads(world),
             "backend": cfg.data.backend, "augment": step.augment, "optimizer": type(optimizer).__name__.lower(),
-            "compile": step.step_model is not step.model, "world_size": world,
-            "keep_freed_memory": hostmem.wanted()}
+            "compile": step.step_model is not step.model, "ema_decay": step.ema.decay if step.ema else None,
+            "world_size": world, "keep_freed_memory": hostmem.wanted()}
     return rates, seen, ends
 
 

@@ -64,7 +64,7 @@ def _run_case(case: str, steps: int, workdir: Path) -> tuple[float, float]:
     cfg = load_config("fashion_mnist", [])
     device = torch.device("cpu")
     setup_torch(cfg, device)
-    model = build_model(cfg.model.name, 10, 1, 28, cfg.model.dropout)
+    model = build_model(cfg.model.name, 10, 1, 28, cfg.model.dropout, cfg.model.width)
     optimizer = build_optimizer(model, cfg.optim)
     step = TrainStep.from_config(model, optimizer, cfg, device, WarmupCosine(optimizer, cfg.optim, steps, steps))
     gen = torch.Generator().manual_seed(0)

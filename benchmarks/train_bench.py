@@ -116,7 +116,7 @@ def _loop(cfg, rank: int, world: int, synthetic: bool) -> tuple[list[float], dic
                          backend=cfg.data.backend, device=cfg.data.device, preset=cfg.data.preset,
                          seed=cfg.train.seed, threads=loader_threads(world))
     channels, size, _ = get_preset(loader.preset).output_shape()
-    model = build_model(cfg.model.name, loader.num_classes, channels, size, cfg.model.dropout)
+    model = build_model(cfg.model.name, loader.num_classes, channels, size, cfg.model.dropout, cfg.model.width)
     model = model.to(device, memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, cfg.optim)
     steps = len(loader)

@@ -110,6 +110,24 @@ def test_seed_cnn_is_the_reference_architecture():
     assert [(l.in_features, l.out_features) for l in linears] == [(64 * 5 * 5, 128), (128, 10)]
 
 
+def test_residual_net_width_is_a_setting_its_checkpoint_remembers(tmp_path):
+    from pipeline.train.models import width_of
+
+    model = build_model("fmnist_resnet", 10, 1, 28, width=40)
+    assert model.features[0].out_channels == 40 and model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert width_of("fmnist_resnet", model.state_dict()) == 40  # how an MLflow copy is rebuilt
+    assert width_of("fmnist_resnet", build_model("fmnist_resnet", 10, 1, 28).state_dict()) == 32
+    meta = {"model": "fmnist_resnet", "num_classes": 10, "in_channels": 1, "image_size": 28, "width": 40}
+    save_checkpoint(tmp_path / "ckpt", {"model": model.state_dict()}, meta)
+    loaded, _ = load_model(tmp_path / "ckpt")
+    assert loaded.features[0].out_channels == 40
+    with pytest.raises(UserError, match="fmnist_resnet only"):
+        build_model("seed_cnn", 10, 1, 28, width=40)
+    assert load_config("fashion_mnist_resnet", ["model.width=40"]).model.width == 40
+    with pytest.raises(UserError, match="width applies to fmnist_resnet only"):
+        load_config("fashion_mnist", ["model.width=40"])
+
+
 def test_backbone_transfer_replaces_only_the_head():
     src = build_model("seed_cnn", 10, 1, 28)
     dst = build_model("seed_cnn", 3, 1, 28)

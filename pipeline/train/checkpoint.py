@@ -125,7 +125,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         raise UserError(f"checkpoint {path} has no {META_FILE} with {', '.join(missing)}: "
                         "was it written by pipeline train?")
     model = build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
-                        meta.get("dropout", 0.0))
+                        meta.get("dropout", 0.0), meta.get("width"))
     model.load_state_dict(result_weights(load_state(path, map_location)))
     return model, meta
 

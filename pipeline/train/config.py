@@ -41,10 +41,13 @@ class ModelConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (pays a one-off compile per worker)
     dropout: float = 0.0  # before the classifier head, where the model has one to tune
+    width: int | None = None  # fmnist_resnet only: channels of its first stage (null: 32; cost grows ~ width²)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.width is not None and (self.width < 1 or self.name != "fmnist_resnet"):
+            raise ValueError(f"width applies to fmnist_resnet only and must be >= 1, got {self.width} for {self.name}")
 
 
 @dataclasses.dataclass(frozen=True)

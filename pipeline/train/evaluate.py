@@ -65,7 +65,7 @@ def load_for_eval(model_ref: str, num_classes: int, in_channels: int, image_size
     if model_ref.startswith(MLFLOW_MODEL_SCHEMES):
         import mlflow.pytorch
 
-        from pipeline.train.models import MODEL_NAMES, build_model
+        from pipeline.train.models import MODEL_NAMES, build_model, width_of
         from pipeline.train.tracking import logged_model_name, resolve_tracking_uri, runs_uri_hint
 
         uri = resolve_tracking_uri(None)  # $MLFLOW_TRACKING_URI or ./mlruns.db, as for train
@@ -78,9 +78,10 @@ def load_for_eval(model_ref: str, num_classes: int, in_channels: int, image_size
         name = logged_model_name(mlflow.MlflowClient(uri), model_ref)
         if name not in MODEL_NAMES:
             return loaded  # a model from elsewhere: as MLflow gives it
-        model = build_model(name, num_classes, in_channels, image_size)
+        state = loaded.state_dict()
         try:
-            model.load_state_dict(loaded.state_dict())
+            model = build_model(name, num_classes, in_channels, image_size, width=width_of(name, state))
+            model.load_state_dict(state)
         except RuntimeError as exc:
             raise UserError(f"--model {model_ref} ({name}) does not fit {num_classes} classes of "
                             f"{in_channels}×{image_size}² inputs: {str(exc).splitlines()[-1].strip()}") from None

@@ -166,9 +166,10 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
     val_loader = make_loader(shards, cfg.data.val_split, batch_size=cfg.train.batch_size, **loader_kw)
     in_channels, image_size, _ = get_preset(train_loader.preset).output_shape()
 
-    model = build_model(cfg.model.name, train_loader.num_classes, in_channels, image_size, cfg.model.dropout)
+    model = build_model(cfg.model.name, train_loader.num_classes, in_channels, image_size, cfg.model.dropout,
+                        cfg.model.width)
     meta = {"model": cfg.model.name, "num_classes": train_loader.num_classes, "in_channels": in_channels,
-            "image_size": image_size, "dropout": cfg.model.dropout, "classes": list(train_loader.classes),
+            "image_size": image_size, "dropout": cfg.model.dropout, "width": cfg.model.width, "classes": list(train_loader.classes),
             "class_labels": list(train_loader.class_labels), "ema_decay": cfg.train.ema_decay,
             "preset": train_loader.preset, "shards": str(shards), "run_name": cfg.run.name}
 

@@ -86,8 +86,10 @@ class FMnistResNet(nn.Module):
     (garments are left-right symmetric), at the price of a second forward pass.
     """
 
+    WIDTH = 32
+
     def __init__(self, num_classes: int, in_channels: int = 1, image_size: int = 28, dropout: float = 0.0,
-                 width: int = 32, hidden: int = 256, flip_eval: bool = True) -> None:
+                 width: int = WIDTH, hidden: int = 256, flip_eval: bool = True) -> None:
         super().__init__()
         w = width
         self.flip_eval = flip_eval
@@ -125,17 +127,25 @@ def _resnet(name: str, num_classes: int, in_channels: int, image_size: int) -> n
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 224,
-                dropout: float = 0.0) -> nn.Module:
-    """A freshly initialised model; ``name`` is one of ``MODEL_NAMES``."""
+                dropout: float = 0.0, width: int | None = None) -> nn.Module:
+    """A freshly initialised model; ``name`` is one of ``MODEL_NAMES``. ``width``: the channels of
+    ``fmnist_resnet``'s first stage (None: 32); the other models have fixed widths."""
+    if width is not None and name != "fmnist_resnet":
+        raise UserError(f"model.width applies to fmnist_resnet only, not {name}")
     if name == "seed_cnn":
         return SeedCNN(num_classes, in_channels, image_size, dropout)
     if name == "cifar_cnn":
         return CifarCNN(num_classes, in_channels, image_size, dropout)
     if name == "fmnist_resnet":
-        return FMnistResNet(num_classes, in_channels, image_size, dropout)
+        return FMnistResNet(num_classes, in_channels, image_size, dropout, width=width or FMnistResNet.WIDTH)
     if name in ("resnet18", "resnet50"):
         return _resnet(name, num_classes, in_channels, image_size)
     raise UserError(f"unknown model {name!r}; allowed models: {', '.join(MODEL_NAMES)}")
+
+
+def width_of(name: str, state: dict[str, torch.Tensor]) -> int | None:
+    """The ``width`` a state dict of model ``name`` was built with (None for the fixed-width models)."""
+    return int(state["features.0.weight"].shape[0]) if name == "fmnist_resnet" else None
 
 
 def head_name(model: nn.Module) -> str:
@@ -181,4 +191,4 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]
     return skipped
 
 
-__all__ = ["MODEL_NAMES", "build_model", "head_name", "load_backbone", "replace_head"]
+__all__ = ["MODEL_NAMES", "build_model", "head_name", "load_backbone", "replace_head", "width_of"]

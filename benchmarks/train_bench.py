@@ -14,6 +14,7 @@ threads, loader and its threads, warm-up epoch), so a ratio differs in exactly o
                        what ``pipeline.train.hostmem`` is worth.
 * ``plain-loop-bf16`` / ``plain-loop-fp32``  the plain loop with ``train.precision`` bf16 (autocast) and fp32:
                        what ``precision: auto`` chooses between (bf16 on CPUs with AMX, ``pipeline.train.step``).
+* ``plain-loop-ema``   the plain loop keeping a moving average of the weights (``train.ema_decay``): its cost.
 
 ResNet-50 on a GPU is ``pipeline bench gpu`` (``benchmarks.gpu_bench``).
 
@@ -29,7 +30,7 @@ controller and helper actors, torchrun's agent). Over the timed epochs (from the
 to the end of the last: for Ray, the epochs' checkpoint times, so its window also holds validation
 and checkpointing) it reports each as a share of all cores: ``cpu_ranks`` and ``cpu_other``.
 
-    python -m benchmarks.train_bench [--quick] [--workdir DIR]
+    python -m benchmarks.train_bench [--quick] [--workdir DIR] [--cases plain-loop,ray-2w,...]
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from typing import Any
 
 from benchmarks.common import FASHION_MNIST, HostLoad, Ratio, Result, machine_info, now_utc, print_steal_note, ratio
 from benchmarks.report import report_if_asked, stage_options
+from pipeline.errors import UserError
 from pipeline.train import hostmem
 
 MODEL = "seed_cnn"
@@ -197,16 +199,23 @@ def _command(case: str, workers: int, shards: Path, workdir: Path, epochs: int, 
 # Environment a case runs with on top of the bench's own; everything else equal to its kind's cases.
 CASE_ENV = {"plain-loop-glibc-malloc": {hostmem.ENV_VAR: "0"}}
 # Config overrides a case trains with on top of ``bench_config``'s.
-CASE_SET = {"plain-loop-bf16": ["train.precision=bf16"], "plain-loop-fp32": ["train.precision=fp32"]}
+CASE_SET = {"plain-loop-bf16": ["train.precision=bf16"], "plain-loop-fp32": ["train.precision=fp32"],
+            "plain-loop-ema": ["train.ema_decay=0.999"]}
 
 
-def cases(quick: bool) -> list[tuple[str, str, str, int]]:
-    """(name, role, kind, world size) in the order each round runs them."""
+def cases(quick: bool, only: list[str] | None = None) -> list[tuple[str, str, str, int]]:
+    """(name, role, kind, world size) in the order each round runs them; ``only``: those cases alone."""
     out = [("plain-loop", "baseline", "plain", 1), ("synthetic", "limit", "synthetic", 1),
            ("torchrun-2w", "baseline", "ddp", 2), ("plain-loop-bf16", "case", "plain", 1)]
-    if not quick:  # Ray's start-up alone costs 15-30 s on a small machine; its path has its own tests
+    if not quick or only:  # Ray's start-up alone costs 15-30 s on a small machine; its path has its own tests
         out += [("plain-loop-fp32", "baseline", "plain", 1), ("ray-1w", "case", "ray", 1),
-                ("ray-2w", "case", "ray", 2), ("plain-loop-glibc-malloc", "baseline", "plain", 1)]
+                ("ray-2w", "case", "ray", 2), ("plain-loop-glibc-malloc", "baseline", "plain", 1),
+                ("plain-loop-ema", "case", "plain", 1)]
+    if only:
+        unknown = sorted(set(only) - {name for name, *_ in out})
+        if unknown:
+            raise UserError(f"--cases: no case {', '.join(unknown)}; cases: {', '.join(name for name, *_ in out)}")
+        out = [c for c in out if c[0] in only]
     return out
 
 
@@ -330,8 +339,9 @@ def _one(name: str, kind: str, workers: int, shards: Path, workdir: Path, epochs
 
 
 def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None = None,
-        images: int | None = None) -> list[Result]:
-    """Each repeat runs every case once, in a fresh process, in the same order (interleaved rounds)."""
+        images: int | None = None, only: list[str] | None = None) -> list[Result]:
+    """Each repeat runs every case (or those ``only`` names) once, in a fresh process, in the same order
+    (interleaved rounds)."""
     own = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="train-bench-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -340,7 +350,7 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
         shards = _shards(workdir, images)
         epochs = 2 if quick else 3
         repeats = repeats or (1 if quick else 3)
-        plan = cases(quick)
+        plan = cases(quick, only)
         rates: dict[str, list[float]] = {name: [] for name, *_ in plan}
         seen: dict[str, dict[str, Any]] = {}
         cpu: dict[str, dict[str, list[float]]] = {name: {} for name, *_ in plan}
@@ -376,25 +386,25 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+# (label, case, against, goal): each reported where both cases ran.
+RATIOS = [
+    ("real loader / synthetic batches", "plain-loop", "synthetic", None),
+    ("ray 1 worker / plain loop", "ray-1w", "plain-loop", 0.95),
+    ("ray 2 workers / torchrun 2", "ray-2w", "torchrun-2w", 0.95),
+    ("ray 2 workers / 1 worker", "ray-2w", "ray-1w", None),
+    ("torchrun 2 / plain loop", "torchrun-2w", "plain-loop", None),
+    ("plain loop bf16 autocast / fp32", "plain-loop-bf16", "plain-loop-fp32", None),
+    ("plain loop / the same with glibc's default malloc", "plain-loop", "plain-loop-glibc-malloc", None),
+    ("plain loop with a weight average / without", "plain-loop-ema", "plain-loop", None),
+]
+
+
 def goals(results: list[Result]) -> list[Ratio]:
-    """Ray overhead at equal world size (goal ≥ 0.95), loader vs synthetic, and 1 → 2 scaling where measured."""
+    """Ray overhead at equal world size (goal ≥ 0.95), loader vs synthetic, 1 → 2 scaling and the one-setting
+    cases against their baselines, where measured."""
     found = {r.case for r in results}
-    out = [ratio(results, "real loader / synthetic batches", "plain-loop", "synthetic", metric="images_per_s")]
-    if "ray-1w" in found:
-        out.append(ratio(results, "ray 1 worker / plain loop", "ray-1w", "plain-loop", metric="images_per_s",
-                         goal=0.95))
-    if "ray-2w" in found:
-        out.append(ratio(results, "ray 2 workers / torchrun 2", "ray-2w", "torchrun-2w", metric="images_per_s",
-                         goal=0.95))
-        out.append(ratio(results, "ray 2 workers / 1 worker", "ray-2w", "ray-1w", metric="images_per_s"))
-    out.append(ratio(results, "torchrun 2 / plain loop", "torchrun-2w", "plain-loop", metric="images_per_s"))
-    if {"plain-loop-bf16", "plain-loop-fp32"} <= found:
-        out.append(ratio(results, "plain loop bf16 autocast / fp32", "plain-loop-bf16", "plain-loop-fp32",
-                         metric="images_per_s"))
-    if "plain-loop-glibc-malloc" in found:
-        out.append(ratio(results, "plain loop / the same with glibc's default malloc", "plain-loop",
-                         "plain-loop-glibc-malloc", metric="images_per_s"))
-    return out
+    return [ratio(results, label, case, against, metric="images_per_s", goal=goal)
+            for label, case, against, goal in RATIOS if {case, against} <= found]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     stage_options(parser, quick="1024 images, 2 epochs, no Ray cases: checks it runs",
                   workdir="keep shards and Ray results here")
     parser.add_argument("--images", type=int, default=None, help="training images (default 16384, quick 1024)")
+    parser.add_argument("--cases", default=None, metavar="A,B,...",
+                        help="run only these cases, interleaved as usual (e.g. plain-loop,plain-loop-ema)")
     parser.add_argument("--case", choices=["plain", "synthetic", "ddp", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
@@ -413,7 +425,13 @@ def main(argv: list[str] | None = None) -> int:
         _run_case(args)
         return 0
     started, t0 = now_utc(), time.perf_counter()
-    results = run(quick=args.quick, workdir=args.workdir, repeats=args.repeats, images=args.images)
+    only = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    try:
+        cases(args.quick, only)
+    except UserError as exc:
+        print(f"train bench: error: {exc}", file=sys.stderr)
+        return 2
+    results = run(quick=args.quick, workdir=args.workdir, repeats=args.repeats, images=args.images, only=only)
     report_if_asked("train", "benchmarks.train_bench", args, results, goals(results), started=started,
                     seconds=time.perf_counter() - t0)
     print(json.dumps(machine_info()))

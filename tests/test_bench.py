@@ -15,6 +15,7 @@ from PIL import Image
 
 from benchmarks.common import HostLoad, Ratio, Result, ratio
 from benchmarks.report import markdown, write_report
+from pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,6 +187,13 @@ def test_ray_and_torchrun_cases_train_what_the_plain_loop_trains(tmp_path):
         other = settings(bench_config(tmp_path, tmp_path, 1, 3, CASE_SET[name]), 1)
         assert other["precision"] == precision
         assert {k: v for k, v in other.items() if k != "precision"} == {k: v for k, v in s1.items() if k != "precision"}
+    ema = settings(bench_config(tmp_path, tmp_path, 1, 3, CASE_SET["plain-loop-ema"]), 1)
+    assert ema["ema_decay"] == 0.999 and s1["ema_decay"] is None
+    assert {k: v for k, v in ema.items() if k != "ema_decay"} == {k: v for k, v in s1.items() if k != "ema_decay"}
+    # --cases runs a subset, in the usual order, and names what it does not know.
+    assert [c[0] for c in cases(quick=True, only=["ray-2w", "plain-loop"])] == ["plain-loop", "ray-2w"]
+    with pytest.raises(UserError, match="no case nope"):
+        cases(quick=False, only=["nope"])
     # Equal world sizes are compared: every Ray case has its torchrun or plain baseline of the same size.
     full = cases(quick=False)
     worlds = {kind: {w for _, _, k, w in full if k == kind} for kind in ("plain", "ddp", "ray")}

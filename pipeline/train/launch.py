@@ -152,7 +152,8 @@ def _check_mlflow_init_from(cfg: TrainConfig, manifest: dict[str, Any], tracking
 
     uri = tracking_uri or resolve_tracking_uri(None)  # the store the workers read it from
     if missing_sqlite_store(uri):
-        raise UserError(f"--init-from {src}: no MLflow store at {uri}; set tracking.tracking_uri or MLFLOW_TRACKING_URI")
+        raise UserError(f"--init-from {src}: no MLflow store at {uri}; "
+                        "set tracking.tracking_uri or MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         with _environ({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):  # a bar for one small file

@@ -150,7 +150,8 @@ def test_checkpoint_loads_weights_only_and_evaluate_agrees(killed_run, work, cap
     import json
 
     out = json.loads(capsys.readouterr().out)
-    assert out["precision"] == precision and out["samples"] == 1024 and out["top1"] == pytest.approx(result.metrics["val_top1"], abs=2e-3)
+    assert out["precision"] == precision and out["samples"] == 1024
+    assert out["top1"] == pytest.approx(result.metrics["val_top1"], abs=2e-3)
     assert set(out["per_class"]) == set(load_meta(result.checkpoint_path)["classes"])
 
     # --log-as: the figures go into the job's own MLflow run, found from the checkpoint's directory.

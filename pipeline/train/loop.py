@@ -169,8 +169,9 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
     model = build_model(cfg.model.name, train_loader.num_classes, in_channels, image_size, cfg.model.dropout,
                         cfg.model.width)
     meta = {"model": cfg.model.name, "num_classes": train_loader.num_classes, "in_channels": in_channels,
-            "image_size": image_size, "dropout": cfg.model.dropout, "width": cfg.model.width, "classes": list(train_loader.classes),
-            "class_labels": list(train_loader.class_labels), "ema_decay": cfg.train.ema_decay,
+            "image_size": image_size, "dropout": cfg.model.dropout, "width": cfg.model.width,
+            "classes": list(train_loader.classes), "class_labels": list(train_loader.class_labels),
+            "ema_decay": cfg.train.ema_decay,
             "preset": train_loader.preset, "shards": str(shards), "run_name": cfg.run.name}
 
     # Ray's registered checkpoint, or a newer complete one on storage it never heard of (a lost node).

@@ -6,6 +6,11 @@ import argparse
 import json
 import os
 import sys
+import typing
+
+from pipeline.train.config import Precision
+
+PRECISIONS = typing.get_args(Precision)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,7 +20,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "or a YAML file (default: fashion_mnist)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=5 --set scaling.num_workers=4 (repeatable)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="same as --set train.precision=… (auto: bf16 on GPUs and AMX CPUs that multiply it natively, "
                         "else fp16 on a GPU, fp32 on a CPU)")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT_OR_MLFLOW_MODEL",
@@ -50,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--backend", default="auto", choices=("auto", "dali", "torch"))
     e.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"))
-    e.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"),
+    e.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="default: what the checkpoint was trained in (fp32 for MLflow models and for fp16 off CUDA)")
     e.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     e.add_argument("--log-as", default=None, metavar="NAME",

@@ -34,17 +34,21 @@ class WeightAverage:
         self.decay = decay
         self.updates = 0
         self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
-        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._bound = False
+        self._avg: list[torch.Tensor] = []  # floats: averaged towards _src, pairwise
+        self._src: list[torch.Tensor] = []
+        self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # counters: copied
 
     def _bind(self, model: nn.Module) -> None:
-        """Pair each averaged tensor with the trained one (floats are averaged, counters copied), once the
-        model is on its device for good."""
-        own, src = self.module.state_dict(keep_vars=True), unwrap(model).state_dict(keep_vars=True)
-        floats, copies = [], []
-        for key, avg in own.items():
-            (floats if avg.is_floating_point() else copies).append((avg, src[key]))
-        self._pairs, self._copies = floats, copies
+        """Pair each averaged tensor with the trained one, once the model is on its device for good."""
+        src = unwrap(model).state_dict(keep_vars=True)
+        for key, avg in self.module.state_dict(keep_vars=True).items():
+            if avg.is_floating_point():
+                self._avg.append(avg)
+                self._src.append(src[key])
+            else:
+                self._copies.append((avg, src[key]))
+        self._bound = True
 
     def decay_at(self, updates: int) -> float:
         """The decay of update number ``updates`` (1-based)."""
@@ -53,12 +57,10 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """One step of the average towards ``model``'s current weights (no host sync)."""
-        if self._pairs is None:
+        if not self._bound:
             self._bind(model)
         self.updates += 1
-        weight = 1.0 - self.decay_at(self.updates)
-        avg, src = zip(*self._pairs)
-        torch._foreach_lerp_(list(avg), list(src), weight)
+        torch._foreach_lerp_(self._avg, self._src, 1.0 - self.decay_at(self.updates))
         for dst, value in self._copies:
             dst.copy_(value)
 

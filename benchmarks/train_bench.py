@@ -10,6 +10,10 @@ threads, loader and its threads, warm-up epoch), so a ratio differs in exactly o
                        for Ray's overhead at equal world size.
 * ``ray-Nw``           ``pipeline.train.launch.fit`` with N Ray workers (the worker loop, which calls the same
                        ``TrainStep``). Goal: ≥ 0.95 × ``torchrun-Nw``.
+* ``torchrun-2w-beside-ray``  ``torchrun-2w`` while a Ray Train job that does no work runs beside it: Ray
+                       started as ``fit`` starts it, the same scaling, 2 workers that sleep. Against
+                       ``torchrun-2w``: what Ray's own processes cost the ranks; ``ray-2w`` against it: what
+                       is left, Ray inside the ranks' processes and the worker loop.
 * ``plain-loop-glibc-malloc``  the plain loop with glibc's malloc as it comes (``PIPELINE_KEEP_FREED_MEMORY=0``):
                        what ``pipeline.train.hostmem`` is worth.
 * ``plain-loop-bf16`` / ``plain-loop-fp32``  the plain loop with ``train.precision`` bf16 (autocast) and fp32:
@@ -155,6 +159,9 @@ def _run_case(args: argparse.Namespace) -> None:
     from pipeline.fileio import write_atomic
 
     cfg = bench_config(args.shards, args.workdir, args.workers, args.epochs, args.overrides)
+    if args.case == IDLE_RAY:
+        _idle_ray_job(cfg, args.out)
+        return
     if args.case == "ray":
         from pipeline.train.checkpoint import META_FILE, load_meta
         from pipeline.train.launch import fit
@@ -183,6 +190,61 @@ def _run_case(args: argparse.Namespace) -> None:
     write_atomic(args.out, lambda f: f.write(json.dumps(out).encode()))
 
 
+def _idle_ray_job(cfg, ready: Path) -> None:
+    """A Ray Train job as ``fit`` runs one (its local Ray with the dashboard, the config's scaling, gloo) whose
+    workers only sleep. Rank 0 creates ``ready`` once the workers run; the job ends when ``<ready>.stop`` appears."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.train.launch import ensure_ray, scaling_config
+    from pipeline.train.ray_output import quiet_ray_output
+
+    ensure_ray(cfg)
+    quiet_ray_output()
+    TorchTrainer(_sleep_until_stopped, train_loop_config={"ready": str(ready)},
+                 torch_config=TorchConfig(backend="gloo"), scaling_config=scaling_config(cfg, ScalingConfig),
+                 run_config=RunConfig(name=cfg.run.name, storage_path=str(cfg.run.storage_path))).fit()
+
+
+def _sleep_until_stopped(config: dict[str, str]) -> None:
+    """The idle job's training function: wakes twice a second to look for the stop file."""
+    import ray.train
+
+    ready = Path(config["ready"])
+    stop = ready.with_name(ready.name + ".stop")
+    if ray.train.get_context().get_world_rank() == 0:
+        ready.touch()
+    while not stop.exists():
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def _beside_idle_ray(workers: int, shards: Path, workdir: Path, env: dict[str, str]):
+    """Runs ``_idle_ray_job`` in a process (and session, as every case has) of its own until the block ends;
+    yields its pid once its workers run."""
+    ready = workdir / f"idle-ray-{time.time_ns()}"
+    stop = ready.with_name(ready.name + ".stop")
+    log = ready.with_name(ready.name + ".log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(_command(IDLE_RAY, workers, shards, workdir, 1, ready), env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the idle Ray job did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield proc.pid
+        stop.touch()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)  # its own session: Ray's processes with it
+            proc.wait()
+    for path in (ready, stop, log):
+        path.unlink(missing_ok=True)
+
+
 # --- the driver ----------------------------------------------------------------------------------------------
 
 
@@ -196,6 +258,9 @@ def _command(case: str, workers: int, shards: Path, workdir: Path, epochs: int, 
     return [sys.executable, "-m", "benchmarks.train_bench", *tail]
 
 
+# Cases run while a Ray Train job of this many workers that do nothing runs beside them (``_idle_ray_job``).
+BESIDE_IDLE_RAY = {"torchrun-2w-beside-ray": 2}
+IDLE_RAY = "idle-ray"  # the --case of that job's process
 # Environment a case runs with on top of the bench's own; everything else equal to its kind's cases.
 CASE_ENV = {"plain-loop-glibc-malloc": {hostmem.ENV_VAR: "0"}}
 # Config overrides a case trains with on top of ``bench_config``'s.
@@ -209,7 +274,8 @@ def cases(quick: bool, only: list[str] | None = None) -> list[tuple[str, str, st
            ("torchrun-2w", "baseline", "ddp", 2), ("plain-loop-bf16", "case", "plain", 1)]
     if not quick or only:  # Ray's start-up alone costs 15-30 s on a small machine; its path has its own tests
         out += [("plain-loop-fp32", "baseline", "plain", 1), ("ray-1w", "case", "ray", 1),
-                ("ray-2w", "case", "ray", 2), ("plain-loop-glibc-malloc", "baseline", "plain", 1),
+                ("ray-2w", "case", "ray", 2), ("torchrun-2w-beside-ray", "baseline", "ddp", 2),
+                ("plain-loop-glibc-malloc", "baseline", "plain", 1),
                 ("plain-loop-ema", "case", "plain", 1)]
     if only:
         unknown = sorted(set(only) - {name for name, *_ in out})
@@ -239,10 +305,13 @@ class _CpuSampler:
         self._thread.start()
 
     def _kind_of(self, cmdline: list[str]) -> str:
-        """``ranks`` for a training rank, else a short name for the kind of process."""
+        """``ranks`` for a training rank, else a short name for the kind of process (an idle Ray job has no ranks)."""
         line = " ".join(cmdline)
-        if ("RayTrainWorker" in line if self.kind == "ray" else
-                "benchmarks.train_bench" in line and "torch.distributed.run" not in line):
+        if self.kind == "ray":
+            rank = "RayTrainWorker" in line
+        else:
+            rank = self.kind != IDLE_RAY and "benchmarks.train_bench" in line and "torch.distributed.run" not in line
+        if rank:
             return self.RANK
         if line.startswith("ray::"):
             return line.split()[0]
@@ -318,21 +387,30 @@ def _one(name: str, kind: str, workers: int, shards: Path, workdir: Path, epochs
     # A session of its own: with the kernel's autogroup scheduling, CPU under contention is shared per
     # session, so every case gets one share, whatever else the benchmark's own session runs.
     command = _command(kind, workers, shards, workdir, epochs, out, CASE_SET.get(name, []))
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    sampler = _CpuSampler(proc.pid, kind)
-    try:
-        stdout, stderr = proc.communicate(timeout=1800)
-    finally:
-        sampler.stop()
-        if proc.poll() is None:
-            proc.kill()
+    with contextlib.ExitStack() as beside:
+        samplers = []
+        if name in BESIDE_IDLE_RAY:
+            idle = beside.enter_context(_beside_idle_ray(BESIDE_IDLE_RAY[name], shards, workdir, env))
+            samplers.append(_CpuSampler(idle, IDLE_RAY))
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        samplers.append(_CpuSampler(proc.pid, kind))
+        try:
+            stdout, stderr = proc.communicate(timeout=1800)
+        finally:
+            for sampler in samplers:
+                sampler.stop()
+            if proc.poll() is None:
+                proc.kill()
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"case {name} exited with {proc.returncode}: {(stderr or stdout)[-2000:]}")
     data = json.loads(out.read_text())
     out.unlink()
     ends = data.get("epoch_ends", [])
-    kinds = sampler.by_kind(ends[0], ends[-1], os.cpu_count() or 1) if len(ends) > 1 else {}
+    kinds: dict[str, float] = {}
+    for sampler in samplers if len(ends) > 1 else []:  # the case's processes and those of a Ray job beside it
+        for what, share in sampler.by_kind(ends[0], ends[-1], os.cpu_count() or 1).items():
+            kinds[what] = kinds.get(what, 0.0) + share
     data["cpu"] = _CpuSampler.split(kinds)
     data["cpu_by_process"] = {k: v for k, v in kinds.items() if k != _CpuSampler.RANK}
     return data
@@ -377,8 +455,11 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
                       **host.params(name), **cpu[name]}
             if cpu[name]:
                 params["cpu_other_by_process"] = _top_kinds(others[name], repeats)
+            if name in BESIDE_IDLE_RAY:
+                params["beside_idle_ray_workers"] = BESIDE_IDLE_RAY[name]
             if kind in ("ray", "ddp"):
-                params.update(scaling=workers, series="ray train" if kind == "ray" else "torchrun")
+                series = "ray train" if kind == "ray" else "torchrun"
+                params.update(scaling=workers, series=series + (" beside idle Ray" if name in BESIDE_IDLE_RAY else ""))
             results.append(Result("train", name, role, "images_per_s", "images/s", rates[name], params))
         return results
     finally:
@@ -392,6 +473,8 @@ RATIOS = [
     ("ray 1 worker / plain loop", "ray-1w", "plain-loop", 0.95),
     ("ray 2 workers / torchrun 2", "ray-2w", "torchrun-2w", 0.95),
     ("ray 2 workers / 1 worker", "ray-2w", "ray-1w", None),
+    ("torchrun 2 beside an idle Ray Train job / torchrun 2", "torchrun-2w-beside-ray", "torchrun-2w", None),
+    ("ray 2 workers / torchrun 2 beside an idle Ray Train job", "ray-2w", "torchrun-2w-beside-ray", None),
     ("torchrun 2 / plain loop", "torchrun-2w", "plain-loop", None),
     ("plain loop bf16 autocast / fp32", "plain-loop-bf16", "plain-loop-fp32", None),
     ("plain loop / the same with glibc's default malloc", "plain-loop", "plain-loop-glibc-malloc", None),
@@ -414,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=None, help="training images (default 16384, quick 1024)")
     parser.add_argument("--cases", default=None, metavar="A,B,...",
                         help="run only these cases, interleaved as usual (e.g. plain-loop,plain-loop-ema)")
-    parser.add_argument("--case", choices=["plain", "synthetic", "ddp", "ray"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=["plain", "synthetic", "ddp", "ray", IDLE_RAY], help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=3, help=argparse.SUPPRESS)

@@ -200,6 +200,34 @@ def test_ray_and_torchrun_cases_train_what_the_plain_loop_trains(tmp_path):
     assert worlds["ray"] <= worlds["plain"] | worlds["ddp"]
 
 
+@pytest.mark.slow
+def test_idle_ray_job_runs_ray_beside_a_case_and_leaves_nothing_behind(tmp_path):
+    """`torchrun-2w-beside-ray`'s neighbour: Ray as `fit` starts it, 2 Train workers that sleep; all gone after."""
+    import psutil
+
+    from benchmarks.train_bench import (BESIDE_IDLE_RAY, CASE_ENV, CASE_SET, IDLE_RAY, _beside_idle_ray, _CpuSampler,
+                                        cases)
+
+    # The case is torchrun-2w in all but its neighbour.
+    assert "torchrun-2w-beside-ray" not in CASE_SET and "torchrun-2w-beside-ray" not in CASE_ENV
+    assert ("torchrun-2w-beside-ray", "baseline", "ddp", 2) in cases(quick=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    with _beside_idle_ray(BESIDE_IDLE_RAY["torchrun-2w-beside-ray"], tmp_path, tmp_path, env) as pid:
+        sampler = _CpuSampler(pid, IDLE_RAY, period_s=0.2)
+        time.sleep(2)
+        sampler.stop()
+        procs = psutil.Process(pid).children(recursive=True)
+        lines = [" ".join(p.cmdline()) for p in procs]
+    assert sum(line.startswith("ray::RayTrainWorker") for line in lines) == 2, lines
+    assert any("gcs_server" in line for line in lines) and any("dashboard" in line for line in lines), lines
+    kinds = sampler.by_kind(sampler.samples[0][0], sampler.samples[-1][0], os.cpu_count() or 1)
+    assert "ranks" not in kinds and "ray::RayTrainWorker" in kinds and "raylet" in kinds, kinds
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, [p.pid for p in alive]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not list(tmp_path.glob("idle-ray-*"))  # its ready, stop and log files
+
+
 def test_tuning_split_is_carved_from_the_training_images(fmnist_dir, tmp_path):
     """The accuracy suite's tuning copy: 10 % of each class of the 60,000 training images, seeded; t10k unread."""
     import gzip

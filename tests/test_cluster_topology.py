@@ -76,14 +76,14 @@ def test_schedule_recounted_in_the_new_world_steps():
 def test_scaling_config_maps_placement_and_elastic_size():
     from ray.train import ScalingConfig
 
-    from pipeline.train.launch import _scaling_config
+    from pipeline.train.launch import scaling_config
 
     cfg = load_config("fashion_mnist", ["scaling.num_workers=3", "scaling.min_workers=1",
                                         "scaling.placement_strategy=STRICT_SPREAD", "scaling.resize_check_s=5"])
-    sc = _scaling_config(cfg, ScalingConfig)
+    sc = scaling_config(cfg, ScalingConfig)
     assert sc.num_workers == (1, 3) and sc.placement_strategy == "STRICT_SPREAD"
     assert sc.elastic_resize_monitor_interval_s == 5
-    assert _scaling_config(load_config("fashion_mnist", ["scaling.num_workers=3"]), ScalingConfig).num_workers == 3
+    assert scaling_config(load_config("fashion_mnist", ["scaling.num_workers=3"]), ScalingConfig).num_workers == 3
 
 
 def test_bad_scaling_values_are_one_line_errors():

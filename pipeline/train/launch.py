@@ -50,7 +50,9 @@ def resolve_paths(cfg: TrainConfig, cwd: Path | None = None) -> TrainConfig:
     )
 
 
-def _ensure_ray(cfg: TrainConfig, verbose: bool = False) -> None:
+def ensure_ray(cfg: TrainConfig, verbose: bool = False) -> None:
+    """Connect to the cluster of ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a Ray of this process's
+    own with the cores the config's workers need; nothing when Ray is already up."""
     import ray
 
     from pipeline.train.console import ray_init_options
@@ -170,7 +172,7 @@ def _check_mlflow_init_from(cfg: TrainConfig, manifest: dict[str, Any], tracking
                 (shape[1], shape[2]) if len(shape) == 4 else None)
 
 
-def _scaling_config(cfg: TrainConfig, scaling_config_cls):
+def scaling_config(cfg: TrainConfig, scaling_config_cls):
     """Ray Train's ScalingConfig: a fixed size, or ``(min_workers, num_workers)`` when elastic."""
     s = cfg.scaling
     size = (s.min_workers, s.num_workers) if s.elastic else s.num_workers
@@ -271,7 +273,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     }
     if local_storage and not stop_requests:
         clear_stop(storage_dir)  # a request left by the previous submission is not for this one
-    _ensure_ray(cfg, verbose)
+    ensure_ray(cfg, verbose)
     if not verbose:
         quiet_ray_output()
     check_nodes(cfg.data.shards, loop_config["index_sha256"], str(cfg.run.storage_path))
@@ -281,7 +283,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
             train_loop_per_worker,
             train_loop_config=loop_config,
             torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-            scaling_config=_scaling_config(cfg, ScalingConfig),
+            scaling_config=scaling_config(cfg, ScalingConfig),
             run_config=RunConfig(
                 name=cfg.run.name,
                 storage_path=str(cfg.run.storage_path),

@@ -384,7 +384,7 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
     import mlflow
 
     from pipeline.fileio import is_uri
-    from pipeline.train.launch import _create_sqlite_store, _ensure_ray, _environ, resolve_paths
+    from pipeline.train.launch import _create_sqlite_store, _environ, ensure_ray, resolve_paths
     from pipeline.train.preempt import clear_stop, exit_code, stop_on_signals
     from pipeline.train.ray_output import quiet_ray_output
     from pipeline.train.runs import format_table
@@ -408,7 +408,7 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
     key = f"{base.run.storage_path}/{sweep.name}"
     parent_id = _start_parent(client, sweep, key, exp_id)
     job = _Job(sweep, tuple(points), fixed, tracking_uri, base.tracking.experiment, parent_id, verbose)
-    _ensure_ray(base, verbose)
+    ensure_ray(base, verbose)
     if not verbose:
         # The trials' output reaches this process, not theirs: fold it here (a trial killed at a stop
         # prints Ray's SIGTERM traceback as it goes).

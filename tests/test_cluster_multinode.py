@@ -185,6 +185,46 @@ def test_job_spreads_two_workers_over_two_nodes(cluster, shards, tmp_path):
         assert {k: r[k] for k in ("distinct", "xor", "sum")} == digest(mine)
 
 
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie that nobody has reaped yet counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith("Z")
+    except OSError:
+        return True
+
+
+def test_submit_script_ends_its_cli_on_sigterm_and_the_job_runs_on(cluster, shards, tmp_path):
+    """SIGTERM to cluster/submit.sh (what a closed terminal or a batch scheduler sends) ends the Ray CLI and
+    the script's output filter at once, as for a plain `ray job submit`; the job runs on, `ray job stop` stops it."""
+    env = {**cluster["env"], "RAY_AUTH_MODE": "token"}
+    address = ["--address", env["RAY_DASHBOARD"]]
+    proc = _submit(cluster, tmp_path, "detach", f"data.shards={shards}", "train.epochs=500", wait=False)
+    log = tmp_path / "detach.log"
+    try:
+        _wait_for(lambda: "detach: starting;" in log.read_text(), "the job's first line", proc=proc)
+        below = descendants(proc.pid)  # the Ray CLI and sed
+        assert len(below) >= 2, below
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    _wait_for(lambda: all(_gone(pid) for pid in below), "the script's processes to exit", timeout=30)
+    out = log.read_text()
+    assert "Traceback" not in out, out[-3000:]
+    job = out.split("Job '", 1)[1].split("'", 1)[0]
+    status = subprocess.run([str(VENV_BIN / "ray"), "job", "status", *address, job], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert "running" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr
+    stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", *address, job], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    status = subprocess.run([str(VENV_BIN / "ray"), "job", "status", *address, job], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert "was stopped" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr
+
+
 def _tar_keys(shards: Path, split: dict) -> set[str]:
     """The split's sample keys, read from its tar files' member names."""
     keys = set()

@@ -206,12 +206,17 @@ def _idle_ray_job(cfg, ready: Path) -> None:
                  run_config=RunConfig(name=cfg.run.name, storage_path=str(cfg.run.storage_path))).fit()
 
 
+def _stop_file(ready: Path) -> Path:
+    """The file that ends the idle Ray job whose workers created ``ready``."""
+    return ready.with_name(ready.name + ".stop")
+
+
 def _sleep_until_stopped(config: dict[str, str]) -> None:
     """The idle job's training function: wakes twice a second to look for the stop file."""
     import ray.train
 
     ready = Path(config["ready"])
-    stop = ready.with_name(ready.name + ".stop")
+    stop = _stop_file(ready)
     if ray.train.get_context().get_world_rank() == 0:
         ready.touch()
     while not stop.exists():
@@ -223,7 +228,7 @@ def _beside_idle_ray(workers: int, shards: Path, workdir: Path, env: dict[str, s
     """Runs ``_idle_ray_job`` in a process (and session, as every case has) of its own until the block ends;
     yields its pid once its workers run."""
     ready = workdir / f"idle-ray-{time.time_ns()}"
-    stop = ready.with_name(ready.name + ".stop")
+    stop = _stop_file(ready)
     log = ready.with_name(ready.name + ".log")
     with open(log, "wb") as out:
         proc = subprocess.Popen(_command(IDLE_RAY, workers, shards, workdir, 1, ready), env=env, stdout=out,

@@ -240,6 +240,10 @@ def test_an_mlflow_init_from_is_checked_before_ray_and_loads_the_runs_model(exte
         assert main(["evaluate", "--model", ref, "--shards", str(work["fm"]), "--json"]) == 0
         tops.append(json.loads(capsys.readouterr().out)["top1"])
     assert tops[0] == tops[1]
+    # A URI that leads to no model: one error line (train and evaluate load MLflow models through one function).
+    assert main(["evaluate", "--model", f"runs:/{run_id}/model", "--shards", str(work["fm"])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot load MLflow model runs:/" in err and "runs:/<run id>/<model.name>" in err
 
 
 def test_finetune_bf16_new_class_count_frozen_backbone(extended_run, work):

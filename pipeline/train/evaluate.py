@@ -60,21 +60,16 @@ def load_for_eval(model_ref: str, num_classes: int, in_channels: int, image_size
     MLflow 3 loads a pytorch-flavor model as an exported ``GraphModule`` that refuses ``eval()``;
     a model ``pipeline train`` logged (named after ``model.name``) is rebuilt from its weights instead.
     """
-    from pipeline.train.checkpoint import load_model, unwrap
+    from pipeline.train.checkpoint import load_model
 
     if model_ref.startswith(MLFLOW_MODEL_SCHEMES):
-        import mlflow.pytorch
+        import mlflow
 
         from pipeline.train.models import MODEL_NAMES, build_model, width_of
-        from pipeline.train.tracking import logged_model_name, resolve_tracking_uri, runs_uri_hint
+        from pipeline.train.tracking import load_mlflow_model, logged_model_name, resolve_tracking_uri
 
         uri = resolve_tracking_uri(None)  # $MLFLOW_TRACKING_URI or ./mlruns.db, as for train
-        mlflow.set_tracking_uri(uri)
-        try:
-            loaded = unwrap(mlflow.pytorch.load_model(model_ref, map_location="cpu"))
-        except Exception as exc:  # MLflow raises many types for a bad URI; all mean "cannot load it"
-            raise UserError(f"cannot load MLflow model {model_ref}: {str(exc).splitlines()[0]}"
-                            f"{runs_uri_hint(model_ref)}") from None
+        loaded = load_mlflow_model(model_ref, uri)
         name = logged_model_name(mlflow.MlflowClient(uri), model_ref)
         if name not in MODEL_NAMES:
             return loaded  # a model from elsewhere: as MLflow gives it

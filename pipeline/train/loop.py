@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.metrics import ThroughputMeter
-from pipeline.train.checkpoint import clear_stale_staging, load_state, result_weights, staging_dir, unwrap
+from pipeline.train.checkpoint import clear_stale_staging, load_state, result_weights, staging_dir
 from pipeline.train.config import MLFLOW_MODEL_SCHEMES, TrainConfig, config_from_dict
 from pipeline.train.console import WorkerConsole
 from pipeline.train.coverage import log_coverage
@@ -40,12 +40,9 @@ VAL_METRICS = ("val_loss", "val_top1", "val_top5")  # an epoch's figures when it
 def _init_weights(model: nn.Module, source: str, tracking_uri: str | None) -> list[str]:
     """Backbone weights from a checkpoint directory/file or an MLflow model URI; returns the head keys replaced."""
     if source.startswith(MLFLOW_MODEL_SCHEMES):
-        import mlflow.pytorch
+        from pipeline.train.tracking import load_mlflow_model, resolve_tracking_uri
 
-        from pipeline.train.tracking import resolve_tracking_uri
-
-        mlflow.set_tracking_uri(tracking_uri or resolve_tracking_uri(None))
-        state = unwrap(mlflow.pytorch.load_model(source, map_location="cpu")).state_dict()
+        state = load_mlflow_model(source, tracking_uri or resolve_tracking_uri(None)).state_dict()
     else:
         state = result_weights(load_state(source))
     return load_backbone(model, state)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import flatten
+from pipeline.errors import UserError
 from pipeline.fileio import is_uri
 from pipeline.train.tracking_queue import (EPOCH_METRIC, RECORDS, RUN_KEY_TAG, SPOOL_DIRNAME, STEP_METRIC, MlflowSink,
                                            Spool, TrackingQueue, epoch_family, find_run, http_env_defaults,
@@ -79,6 +80,20 @@ def logged_model_name(client, src: str) -> str | None:
     except Exception:  # noqa: BLE001 - not found or not told: the caller goes on without it
         return None
     return None
+
+
+def load_mlflow_model(src: str, tracking_uri: str):
+    """The PyTorch module of MLflow model ``src`` in the store at ``tracking_uri``, on the CPU and out of any
+    DDP or compile wrapper; a model that cannot be loaded is one ``UserError``."""
+    import mlflow.pytorch
+
+    from pipeline.train.checkpoint import unwrap
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return unwrap(mlflow.pytorch.load_model(src, map_location="cpu"))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI; all mean "cannot load it"
+        raise UserError(f"cannot load MLflow model {src}: {str(exc).splitlines()[0]}{runs_uri_hint(src)}") from None
 
 
 def default_artifact_location(tracking_uri: str, configured: str | None, cwd: Path | None = None) -> str | None:

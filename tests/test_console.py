@@ -108,15 +108,36 @@ def test_folded_tracebacks_keep_the_exception_line_across_batches_and_chains():
     # Frames whose header Ray printed elsewhere (merged as a repeat) are folded too.
     assert folder.fold("d", ['  File "c.py", line 3, in k', "    k()", "OSError: gone"]) == ["OSError: gone"]
     assert folder.folded == 3  # a chain of exceptions is one traceback
-    # A Tune trial's actor ended by SIGTERM inside a garbage-collection callback (a sweep's Ctrl-C): a blank
-    # line among the frames is the traceback's own.
-    ignored = "Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7fae6b6ca700>"
-    assert folder.fold("t", [ignored, "Traceback (most recent call last):",
-                             '  File "/py/_weakrefset.py", line 39, in _remove', "    def _remove(item):", "",
-                             '  File "/ray/_private/worker.py", line 1063, in sigterm_handler',
-                             "    raise_sys_exit_with_custom_error_message(",
-                             '  File "python/ray/_raylet.pyx", line 712, in ray._raylet.raise_sys_exit',
-                             "SystemExit: 1"]) == [ignored, "SystemExit: 1"]
+    assert folder.exits == 0
+
+
+IGNORED = "Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7fae6b6ca700>"
+RAY_EXIT = [IGNORED, "Traceback (most recent call last):",  # as a sweep's Ctrl-C printed it, once per trial actor
+            '  File "/py/_weakrefset.py", line 39, in _remove', "    def _remove(item):", "",
+            '  File "/ray/_private/worker.py", line 1063, in sigterm_handler',
+            "    raise_sys_exit_with_custom_error_message(",
+            '  File "python/ray/_raylet.pyx", line 712, in ray._raylet.raise_sys_exit',
+            "SystemExit: 1"]
+
+
+def test_ray_ending_an_actor_inside_a_gc_callback_is_left_out_and_other_ignored_exceptions_are_not():
+    folder = TracebackFolder()
+    # Ray's SIGTERM handler ending a Tune trial's actor inside a garbage-collection callback (a sweep's
+    # Ctrl-C): its intended exit, in one batch or split across two; a blank line among the frames is the
+    # traceback's own.
+    assert folder.fold("t", RAY_EXIT) == []
+    assert folder.fold("u", RAY_EXIT[:4]) == [] and folder.fold("u", RAY_EXIT[4:] + ["next line"]) == ["next line"]
+    assert folder.exits == 2
+    # The same report of any other exception is shown as a folded traceback is: both lines.
+    other = [IGNORED, "Traceback (most recent call last):", '  File "/py/a.py", line 3, in __del__', "    f()",
+             "OSError: gone"]
+    assert folder.fold("v", other) == [IGNORED, "OSError: gone"]
+    exit_elsewhere = [ln.replace("sigterm_handler", "handler") for ln in RAY_EXIT]
+    assert folder.fold("w", exit_elsewhere) == [IGNORED, "SystemExit: 1"]  # not Ray's handler: shown
+    # With no traceback under it the line is shown, also as a batch's last line.
+    assert folder.fold("x", [IGNORED, "plain line"]) == [IGNORED, "plain line"]
+    assert folder.fold("y", ["a", IGNORED]) == ["a", IGNORED]
+    assert folder.exits == 2
 
 
 CLEANER = ("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "

@@ -17,7 +17,12 @@ Two kinds of Ray output buried the lines of ours on a long job's console:
   repeats (the same text but for numbers and ids) is now shown once per ``REPEAT_WINDOW_S``,
   with the count of the rest.
 
-Each of the two says so once on the console when it first acts. Unless ``--verbose``; the
+A third kind says nothing at all: when Ray ends an actor (a sweep's trials at a Ctrl-C), its
+SIGTERM handler raises ``SystemExit`` wherever the process happens to be, and inside a
+garbage-collection callback Python reports that as "Exception ignored in: …" with a traceback
+through ``sigterm_handler``. That is the actor's intended exit, not a fault: it is left out whole.
+
+Each of the first two says so once on the console when it first acts. Unless ``--verbose``; the
 session logs on every node keep everything, and ``--verbose`` prints it here too.
 """
 
@@ -35,6 +40,8 @@ _HEADER = "Traceback (most recent call last):"
 _CHAINS = ("The above exception was the direct cause of the following exception:",
            "During handling of the above exception, another exception occurred:")
 _FRAME = re.compile(r'\s+File ".*", line \d+')
+_IGNORED = "Exception ignored in:"  # Python's report of an exception it could not raise (GC callbacks, __del__)
+_RAY_EXIT_FRAME = re.compile(r"\bin sigterm_handler$")  # Ray's handler that ends an actor with SystemExit
 _RAY_HANDLER = "ray_print_logs"  # the name ray.init gives its handler of forwarded output
 FOLD_NOTE = (f"{PREFIX} Ray's tracebacks are shown by their last line; --verbose shows them whole "
              "(each node's Ray session logs keep them)")
@@ -49,30 +56,52 @@ class TracebackFolder:
 
     Lines come in batches per process, and a traceback may run over several batches,
     so where each ``source`` stands is kept between batches: inside a traceback, just
-    past one (a blank line there is the traceback's own), or neither.
+    past one (a blank line there is the traceback's own), or neither. An "Exception
+    ignored in" line waits for the traceback under it: when that is Ray's SIGTERM handler
+    ending the process with ``SystemExit``, neither is shown.
     """
 
     def __init__(self) -> None:
         self._state: dict[Any, str] = {}
+        self._ignored: dict[Any, list] = {}  # source -> [its "Exception ignored in" line, whether Ray's exit raised]
         self.folded = 0  # tracebacks shortened so far
+        self.exits = 0  # Ray's own SIGTERM exits left out
 
     def fold(self, source: Any, lines: list[str]) -> list[str]:
         out = []
         state = self._state.pop(source, "")
+        ignored = self._ignored.pop(source, None)
         for line in lines:
             text = line.strip()
             starts = text == _HEADER or bool(_FRAME.match(line))  # frames alone: Ray merged their header away
+            if ignored is not None and state != "inside" and not starts:
+                out.append(ignored[0])  # no traceback under it: shown as it came
+                ignored = None
             if starts or text in _CHAINS:
                 if starts and state != "inside":
                     self.folded += 1
+                if ignored is not None and _RAY_EXIT_FRAME.search(text):
+                    ignored[1] = True
                 state = "inside"
             elif state == "inside" and (not text or line[:1].isspace()):
                 continue  # source lines, carets, blank lines between chained tracebacks
             elif state == "past" and not text:
                 state = ""
+            elif state != "inside" and text.startswith(_IGNORED):
+                ignored, state = [line, False], ""
+            elif ignored is not None:  # the exception line of the traceback under "Exception ignored in"
+                if ignored[1] and text.startswith("SystemExit"):
+                    self.exits += 1
+                else:
+                    out += [ignored[0], line]
+                ignored, state = None, "past"
             else:
                 out.append(line)
                 state = "past" if state == "inside" else ""
+        if ignored is not None and state != "inside":
+            out.append(ignored[0])  # the batch's last line: not held back on the chance of a traceback to come
+        elif ignored is not None:
+            self._ignored[source] = ignored
         if state:
             self._state[source] = state
         return out

@@ -109,14 +109,15 @@ def ratio(results: list[Result], name: str, num: str, den: str, *, metric: str, 
 STEAL_NOTE = 0.05  # more CPU time than this stolen during a case run: its figures are flagged
 
 
-def _cpu_jiffies() -> tuple[int, int] | None:
-    """(steal, total) CPU time of the whole machine since boot, from /proc/stat; None where there is none."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-    except (OSError, ValueError):
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(steal, total) CPU seconds of the whole machine since boot, as psutil reads them (the training
+    jobs' ``cpu_steal_percentage`` comes from the same counters); None where there is no steal counter."""
+    import psutil
+
+    times = psutil.cpu_times()
+    if not hasattr(times, "steal"):  # Linux only
         return None
-    return (fields[7], sum(fields)) if len(fields) == 8 else None
+    return times.steal, sum(times[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
 
 
 class HostLoad:
@@ -134,9 +135,9 @@ class HostLoad:
     @contextlib.contextmanager
     def run(self, case: str) -> Iterator[None]:
         self.load.append(os.getloadavg()[0])
-        before = _cpu_jiffies()
+        before = _cpu_seconds()
         yield
-        after = _cpu_jiffies()
+        after = _cpu_seconds()
         if before and after and after[1] > before[1]:
             self.steal.setdefault(case, []).append(round((after[0] - before[0]) / (after[1] - before[1]), 3))
 
@@ -207,11 +208,6 @@ def machine_info() -> dict[str, Any]:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    from pipeline.train.step import cpu_info
+
+    return cpu_info("model name") or platform.processor()

@@ -42,12 +42,19 @@ def setup_torch(cfg: TrainConfig, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def _cpu_flags() -> set[str]:
+def cpu_info(field: str) -> str | None:
+    """The value of ``field`` (``flags``, ``model name``, …) for the first CPU in /proc/cpuinfo; None where
+    there is none (not Linux, or a CPU that does not report it)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return next((value.strip() for key, sep, value in (line.partition(":") for line in f)
+                         if sep and key.strip() == field), None)
     except OSError:
-        return set()
+        return None
+
+
+def _cpu_flags() -> set[str]:
+    return set((cpu_info("flags") or "").split())
 
 
 def resolve_precision(name: str, device: torch.device | str) -> str:

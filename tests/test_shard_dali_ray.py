@@ -3,6 +3,7 @@ crash safety (SIGKILL, resume); and the Ray executor writing the same bytes as t
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from _shard_helpers import dir_bytes, kill_build_after
-from conftest import label_from_pixels, make_label_folder
+from conftest import label_from_pixels, make_label_folder, temp_dir_under_tmp
 from pipeline.cli import main
 from pipeline.shard.manifest import read_manifest
 
@@ -89,3 +90,24 @@ def test_ray_executor_writes_the_same_bytes(fmnist_dir, fm_reference, tmp_path, 
     out = tmp_path / "ray"
     assert main(["shard", str(fmnist_dir), str(out), *FM_ARGS, "--executor", "ray"]) == 0
     assert dir_bytes(out) == dir_bytes(fm_reference)
+
+
+@pytest.mark.slow
+def test_ray_executor_from_a_fresh_host_starts_its_own_ray_quietly(fmnist_dir, tmp_path):
+    """`pipeline shard --executor ray` on a host that never ran Ray (HOME empty, no RAY_ADDRESS or
+    RAY_AUTH_MODE): a local Ray with token authentication, without Ray's notice saying so on the console."""
+    args = [str(fmnist_dir), "--limit", "300", "--samples-per-shard", "100", "--no-progress"]
+    local = tmp_path / "local"
+    assert main(["shard", args[0], str(local), *args[1:]]) == 0
+    home = tmp_path / "home"
+    home.mkdir()
+    with temp_dir_under_tmp() as tmpdir:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        env.update(HOME=str(home), TMPDIR=str(tmpdir))
+        done = subprocess.run([str(Path(sys.executable).with_name("pipeline")), "shard", args[0], str(tmp_path / "ray"),
+                               *args[1:], "--executor", "ray"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (home / ".ray" / "auth_token").is_file()  # Ray made a token: authentication is on
+    assert "Token authentication" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert "tasks per node: " in done.stdout
+    assert dir_bytes(tmp_path / "ray") == dir_bytes(local)

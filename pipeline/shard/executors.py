@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator
 
 from pipeline.errors import UserError
+from pipeline.ray_logging import quiet_token_notice
 from pipeline.shard.config import ShardConfig
 from pipeline.shard.plan import ShardPlan
 from pipeline.shard.write import ShardResult, write_shard
@@ -150,6 +151,7 @@ def _run_ray(plans: list[ShardPlan], config: ShardConfig, nodes: Counter) -> Ite
     except ImportError:
         raise UserError("--executor ray needs Ray: pip install 'ray[default]'") from None
     if not ray.is_initialized():
+        quiet_token_notice()
         try:
             # Without --ray-address: an existing cluster from RAY_ADDRESS, else a local one.
             ray.init(address=config.ray_address, log_to_driver=False, configure_logging=False)

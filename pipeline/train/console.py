@@ -61,6 +61,8 @@ import threading
 import time
 from typing import Any, TextIO
 
+from pipeline.ray_logging import quiet_token_notice
+
 PREFIX = "[pipeline]"
 POLL_S = 0.5  # how often the driver drains the sink; also the least time between two bar updates
 
@@ -70,7 +72,6 @@ VERBOSE_ENV = "PIPELINE_VERBOSE"  # set for every worker of the job by ``ray_ini
 # this file's path rather than its module (so ``ray.train``'s level does not reach it).
 _REPORT_LOGGER_FILE = ("train", "v2", "_internal", "execution", "context.py")
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def setup_ray_worker() -> None:
@@ -99,8 +100,7 @@ def setup_ray_worker() -> None:
 
 def ray_init_options(verbose: bool) -> dict[str, Any]:
     """``ray.init`` arguments common to local and remote clusters; quiets the driver's Ray loggers too."""
-    # A notice that token authentication is on, at every start: the default we want, not news.
-    logging.getLogger(_TOKEN_NOTICE_LOGGER).setLevel(logging.INFO if verbose else logging.ERROR)
+    quiet_token_notice(verbose)
     return {
         "runtime_env": {"worker_process_setup_hook": f"{__name__}.setup_ray_worker",
                         # Read by Ray Train's controller (see the module doc: the watcher nobody reads).

@@ -23,7 +23,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import flatten
 from pipeline.errors import UserError
@@ -31,6 +31,9 @@ from pipeline.fileio import is_uri
 from pipeline.train.tracking_queue import (EPOCH_METRIC, RECORDS, RUN_KEY_TAG, SPOOL_DIRNAME, STEP_METRIC, MlflowSink,
                                            Spool, TrackingQueue, epoch_family, find_run, http_env_defaults,
                                            read_job, write_job)
+
+if TYPE_CHECKING:
+    from torch import nn
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
@@ -82,7 +85,7 @@ def logged_model_name(client, src: str) -> str | None:
     return None
 
 
-def load_mlflow_model(src: str, tracking_uri: str):
+def load_mlflow_model(src: str, tracking_uri: str) -> nn.Module:
     """The PyTorch module of MLflow model ``src`` in the store at ``tracking_uri``, on the CPU and out of any
     DDP or compile wrapper; a model that cannot be loaded is one ``UserError``."""
     import mlflow.pytorch
@@ -93,7 +96,8 @@ def load_mlflow_model(src: str, tracking_uri: str):
     try:
         return unwrap(mlflow.pytorch.load_model(src, map_location="cpu"))
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI; all mean "cannot load it"
-        raise UserError(f"cannot load MLflow model {src}: {str(exc).splitlines()[0]}{runs_uri_hint(src)}") from None
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot load MLflow model {src}: {first}{runs_uri_hint(src)}") from None
 
 
 def default_artifact_location(tracking_uri: str, configured: str | None, cwd: Path | None = None) -> str | None:

@@ -114,13 +114,13 @@ def _loop(cfg, rank: int, world: int, synthetic: bool) -> tuple[list[float], dic
     from pipeline.data.presets import get_preset
     from pipeline.metrics import ThroughputMeter
     from pipeline.train.models import build_model
-    from pipeline.train.step import TrainStep, WarmupCosine, build_optimizer, setup_torch
+    from pipeline.train.step import TrainStep, WarmupCosine, build_optimizer, loader_device, setup_torch
 
     device = torch.device("cpu")
     setup_torch(cfg, device)
     loader = make_loader(cfg.data.shards, "train", batch_size=cfg.train.batch_size, rank=rank, world_size=world,
-                         backend=cfg.data.backend, device=cfg.data.device, preset=cfg.data.preset,
-                         seed=cfg.train.seed, threads=loader_threads(world))
+                         backend=cfg.data.backend, device=loader_device(cfg.data.device, device),
+                         preset=cfg.data.preset, seed=cfg.train.seed, threads=loader_threads(world))
     channels, size, _ = get_preset(loader.preset).output_shape()
     model = build_model(cfg.model.name, loader.num_classes, channels, size, cfg.model.dropout, cfg.model.width)
     model = model.to(device, memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)

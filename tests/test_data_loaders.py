@@ -208,3 +208,18 @@ def test_make_loader_contract_and_user_errors(label_shards: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
             make_loader(label_shards, "val", batch_size=4, device="gpu")
+
+
+def test_nvjpeg_buffers_per_pipeline_stay_at_nvidias_total_as_threads_grow() -> None:
+    # DALI pre-sizes these per decoder thread (one GPU buffer, two pinned host buffers): with 16 or more
+    # threads NVIDIA's per-thread values would pin GiBs of host memory on every rank of a node.
+    from pipeline.data.dali import nvjpeg_padding
+
+    nvidia_4 = nvjpeg_padding(4)
+    assert nvidia_4 == {"device_memory_padding": 211025920, "host_memory_padding": 140544512}
+    assert nvjpeg_padding(1) == nvidia_4
+    for threads in (8, 12, 16):
+        pad = nvjpeg_padding(threads)
+        for key in pad:
+            assert 4 * nvidia_4[key] - threads <= threads * pad[key] <= 4 * nvidia_4[key]  # the 4-thread total
+    assert nvjpeg_padding(256) == {"device_memory_padding": 16 << 20, "host_memory_padding": 8 << 20}  # DALI's

@@ -47,6 +47,9 @@ def test_stable_keys_and_overrides():
     (["run.name=a b"], "run: name 'a b'"),
     (["scaling.group_start_timeout_s=0"], "group_start_timeout_s must be > 0 or null"),
     (["train.val_every_epochs=-1"], "val_every_epochs must be >= 0"),
+    (["scaling.use_gpu=true", "scaling.gpus_per_worker=0.5"], "gpus_per_worker must be >= 1 with use_gpu"),
+    (["scaling.use_gpu=true", "data.device=cpu"], "scaling.use_gpu is true but data.device is cpu"),
+    (["data.device=gpu"], "data.device is gpu but scaling.use_gpu is false"),
 ])
 def test_bad_values_are_one_clear_error(override, needle):
     with pytest.raises(UserError, match=None) as exc:

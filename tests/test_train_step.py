@@ -286,3 +286,32 @@ def test_weight_average_round_trips_through_the_checkpoint(tmp_path):
         torch.testing.assert_close(step2.ema.module.state_dict()[k], v, rtol=0, atol=0)
     del saved["ema"]
     assert result_weights(saved) is saved["model"]  # a run without an average offers its trained weights
+
+
+def test_evaluate_counts_each_real_sample_once_in_the_confusion_matrix():
+    from pipeline.train.loop import evaluate
+
+    model = _model()
+    batches = [_batch(8, seed) for seed in range(3)]
+    batches[-1][1][5:] = -1  # the last batch's tail is padding, as a val loader marks it
+    autocast, _, in_dtype = precision_context("fp32", torch.device("cpu"))
+    out = evaluate(model, batches, torch.device("cpu"), autocast, 10, in_dtype, torch.contiguous_format)
+    expected = torch.zeros(10, 10, dtype=torch.int64)
+    hits = 0
+    with torch.no_grad():
+        for x, y in batches:
+            pred = model(x).argmax(1)
+            for t, p in zip(y.tolist(), pred.tolist()):
+                if t >= 0:
+                    expected[t, p] += 1
+                    hits += t == p
+    assert out["val_samples"] == 21 and int(out["confusion"].sum()) == 21
+    assert torch.equal(out["confusion"], expected)
+    assert out["val_top1"] == pytest.approx(hits / 21)
+
+
+@pytest.mark.parametrize("setting, device, expected", [
+    ("auto", "cpu", "cpu"), ("auto", "cuda", "gpu"), ("cpu", "cpu", "cpu"), ("gpu", "cuda", "gpu")])
+def test_the_loader_runs_where_the_model_trains_unless_told(setting, device, expected):
+    # A CPU job on a host with a GPU: Ray does not hide the GPU from a worker given none.
+    assert step_module.loader_device(setting, torch.device(device)) == expected

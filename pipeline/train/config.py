@@ -151,6 +151,10 @@ class ScalingSection:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ValueError("cpus_per_worker must be > 0")
+        if self.use_gpu and self.gpus_per_worker < 1:
+            # A fraction would put two ranks on one GPU, which NCCL refuses ("Duplicate GPU detected").
+            raise ValueError(f"gpus_per_worker must be >= 1 with use_gpu (one GPU per rank), "
+                             f"got {self.gpus_per_worker}")
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
             raise ValueError(f"min_workers must be in 1..num_workers ({self.num_workers}), got {self.min_workers}")
         if self.resize_check_s <= 0:
@@ -232,6 +236,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision fp16 needs scaling.use_gpu: true (GradScaler); use bf16 on CPU")
+        # The loader's batches go to the device the model trains on: both on the GPU, or both on the CPU.
+        if self.scaling.use_gpu and self.data.device == "cpu":
+            raise ValueError("scaling.use_gpu is true but data.device is cpu: set data.device to auto or gpu")
+        if not self.scaling.use_gpu and self.data.device == "gpu":
+            raise ValueError("data.device is gpu but scaling.use_gpu is false (the model trains on the CPU): "
+                             "set scaling.use_gpu=true, or data.device to auto or cpu")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (paths as strings): for YAML artifacts and MLflow params."""

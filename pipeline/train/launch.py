@@ -252,8 +252,6 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     # A missing or partial shard set, or weights that cannot fit, is a user error before any worker starts.
     manifest = read_manifest(cfg.data.shards)
     _check_init_from(cfg, manifest)
-    if cfg.scaling.use_gpu and cfg.data.device == "cpu":
-        raise UserError("scaling.use_gpu is true but data.device is cpu: set data.device to auto or gpu")
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
     artifact_location = (default_artifact_location(tracking_uri, cfg.tracking.artifact_location)
                          if tracking_uri else None)

@@ -31,7 +31,7 @@ from pipeline.train.models import build_model, head_name, load_backbone
 from pipeline.train.preempt import Control
 from pipeline.train.resume import log_missed_epoch, resume_checkpoint
 from pipeline.train.state import RunState, best_dir, keep_best, load_rank_file
-from pipeline.train.step import (TrainStep, WarmupCosine, augment, build_optimizer, param_groups,
+from pipeline.train.step import (TrainStep, WarmupCosine, augment, build_optimizer, loader_device, param_groups,
                                  precision_context, setup_torch)
 
 VAL_METRICS = ("val_loss", "val_top1", "val_top5")  # an epoch's figures when it validates (train.val_every_epochs)
@@ -61,10 +61,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, num_class
     model.eval()
     k = min(5, num_classes)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    cells = num_classes * num_classes
+    confusion = torch.zeros(cells + 1, dtype=torch.int64, device=device)  # + a slot for the padding
+    non_blocking = device.type == "cuda"  # host-to-GPU copies only: the host would read a GPU-to-host one too soon
     for x, y in loader:
-        x = x.to(device, dtype=in_dtype, non_blocking=True, memory_format=memory_format)
-        y = y.to(device, non_blocking=True)
+        x = x.to(device, dtype=in_dtype, non_blocking=non_blocking, memory_format=memory_format)
+        y = y.to(device, non_blocking=non_blocking)
         with autocast:
             logits = model(x)
         logits = logits.float()
@@ -75,8 +77,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, num_class
         sums[1] += (hit[:, 0] & valid).sum()
         sums[2] += (hit.any(dim=1) & valid).sum()
         sums[3] += valid.sum()
-        yv = y[valid]
-        confusion += torch.bincount(yv * num_classes + top[valid, 0], minlength=num_classes * num_classes)
+        # No boolean indexing or bincount: both wait for the GPU to size their output.
+        cell = torch.where(valid, y * num_classes + top[:, 0], cells)
+        confusion.index_add_(0, cell, torch.ones_like(cell))
+    confusion = confusion[:cells]
     _all_reduce_(sums)
     _all_reduce_(confusion)
     loss, top1, top5, count = sums.tolist()  # host sync: once per evaluation
@@ -157,8 +161,9 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
 
     shards = cfg.data.shards
     manifest = read_manifest(shards)
-    loader_kw = dict(rank=rank, world_size=world, backend=cfg.data.backend, device=cfg.data.device,
-                     preset=cfg.data.preset, seed=cfg.train.seed, threads=layout.loader_threads)
+    loader_kw = dict(rank=rank, world_size=world, backend=cfg.data.backend,
+                     device=loader_device(cfg.data.device, device), preset=cfg.data.preset, seed=cfg.train.seed,
+                     threads=layout.loader_threads)
     train_loader = make_loader(shards, "train", batch_size=cfg.train.batch_size, **loader_kw)
     val_loader = make_loader(shards, cfg.data.val_split, batch_size=cfg.train.batch_size, **loader_kw)
     in_channels, image_size, _ = get_preset(train_loader.preset).output_shape()
@@ -275,6 +280,7 @@ def _train_epoch(w: _Worker, epoch: int) -> ThroughputMeter | None:
 
 def _log_step(w: _Worker, epoch: int, step: int, loss: torch.Tensor, window: ThroughputMeter) -> None:
     step_loss = loss.item()  # host sync: only every log_every_steps
+    window.flush()  # the device's queued steps have run: their time belongs to this window
     lr, rate = w.step.lr, window.total()
     w.tracker.log_step(w.state.global_step, {"step_train_loss": step_loss, "step_lr": lr,
                                              "step_images_per_s": rate.images_per_s * w.world})

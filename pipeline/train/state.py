@@ -45,7 +45,9 @@ def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
         "python": (version, tuple(internal), py_gauss),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's own GPU only: Ray lets each rank see all of its node's GPUs, and a resume on a node
+        # with fewer of them (a smaller world) could not restore a state per GPU.
+        state["cuda"] = torch.cuda.get_rng_state()
     if generator is not None:
         state["augment"] = generator.get_state()
     return state
@@ -58,8 +60,12 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = Non
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, py_gauss = state["python"]
     random.setstate((version, tuple(internal), py_gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda") if torch.cuda.is_available() else None
+    if isinstance(cuda, (list, tuple)):  # written by an earlier version: one state per visible GPU
+        index = torch.cuda.current_device()
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
     if generator is not None and "augment" in state:
         generator.set_state(state["augment"])
 

@@ -145,6 +145,15 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     return cls(groups, lr=cfg.lr, betas=cfg.betas)
 
 
+def loader_device(setting: str, device: torch.device) -> str:
+    """Where a training process's loader runs (``make_loader``'s ``device``) for ``data.device`` = ``setting``:
+    ``auto`` follows the device the model trains on, so a CPU job on a host with a GPU (whose workers
+    Ray does not hide it from) decodes on the CPU, not on a GPU its model never reads from."""
+    if setting == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    return setting
+
+
 def _to_device(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A mask drawn on the CPU, copied to ``device`` without a host sync (from pinned memory on CUDA)."""
     if device.type == "cuda":
@@ -255,9 +264,11 @@ class TrainStep:
         return self.ema.module if self.ema is not None else unwrap(self.model)
 
     def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch on the step's device, in its input dtype and memory format (asynchronous copies)."""
-        x = x.to(self.device, dtype=self.in_dtype, non_blocking=True, memory_format=self.memory_format)
-        return x, y.to(self.device, non_blocking=True)
+        """The batch on the step's device, in its input dtype and memory format (asynchronous copies to a GPU;
+        a copy to the host is never asynchronous, since the host would read it before it lands)."""
+        non_blocking = self.device.type == "cuda"
+        x = x.to(self.device, dtype=self.in_dtype, non_blocking=non_blocking, memory_format=self.memory_format)
+        return x, y.to(self.device, non_blocking=non_blocking)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Train on one batch; returns the batch's mean loss, detached and still on the device (no host sync)."""

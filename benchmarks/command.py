@@ -42,6 +42,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from benchmarks.report import log_to_mlflow, write_report
     from benchmarks.suite import ON_DEMAND, STAGES, run_suite
 
+    if not args.no_mlflow and not args.experiment.strip():
+        raise UserError("--experiment is empty: give an MLflow experiment name, or --no-mlflow")
     stages = [s for s in STAGES if s not in ON_DEMAND] if args.stage == "all" else [args.stage]
     for folder in (args.out, args.workdir):
         try:

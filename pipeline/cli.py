@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from pipeline import __version__
-from pipeline.errors import UserError
+from pipeline.errors import ArgumentParser, UserError
 
 # Modules that contribute subcommands, in the order of the data flow.
 _COMMAND_MODULES = (
@@ -27,7 +27,7 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pipeline",
         description="Shard image collections, load them with DALI or PyTorch, train on Ray, track in MLflow.",
     )

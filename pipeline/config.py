@@ -11,6 +11,7 @@ the resolved config as MLflow params and as an artifact.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 from pathlib import Path
@@ -42,13 +43,22 @@ def parse_size(text: str | int) -> int:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping with ``safe_load``; errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config {path} is a directory: give a YAML file or a bundled config name")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}): is it a YAML config?") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -102,7 +112,7 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         raise UserError(f"{where or 'config'}: expected a mapping, got {_describe(data)}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys need not be strings (`1: a`)
     if unknown:
         raise UserError(
             f"unknown key {_join(where, unknown[0])!r}; allowed keys in {where or 'the top level'}: "
@@ -181,14 +191,17 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return value
         raise UserError(f"invalid value {value!r} for {key}; expected an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads "1e-3" as a string
+                number = float(value)  # YAML 1.1 reads "1e-3" as a string
             except ValueError:
                 pass
-        raise UserError(f"invalid value {value!r} for {key}; expected a number")
+        if number is None or not math.isfinite(number):  # .nan / .inf would fail inside the job, not here
+            raise UserError(f"invalid value {value!r} for {key}; expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

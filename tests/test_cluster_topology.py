@@ -142,3 +142,27 @@ def test_the_cluster_scripts_follow_the_same_temp_dir_rule(tmp_path):
                                                 f"paths (at most {39 if name == 'RAY_TEMP_DIR' else 35} bytes): set a "
                                                 f"shorter {name} ({value})"], (script, done.stderr)
             assert not (tmp_path / "home" / ".ray").exists()
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("scaling.use_gpu=true", "the job needs 2 GPU(s) (2 worker(s) × 1), this machine has 0"),
+    ("run.storage_path={blocker}/results", "run.storage_path: cannot create"),
+])
+def test_a_job_this_machine_cannot_run_is_one_error_before_ray_starts(shard_dir, tmp_path, override, needle):
+    import sys
+
+    import torch
+
+    if "use_gpu" in override and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A process of its own: a local Ray would have waited for GPUs that are not there, for ever (timeout).
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--config", "fashion_mnist",
+                           "--set", f"data.shards={shard_dir}", "--set", "tracking.enabled=false",
+                           "--set", f"run.storage_path={tmp_path / 'rr'}", "--set", override.format(blocker=blocker)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr
+    assert not proc.stdout

@@ -50,6 +50,9 @@ def test_round_trip_and_types():
         ({"shards": "s", "optim": {"nesterov": "yes"}}, "optim.nesterov; expected true or false"),
         ({"shards": "s", "betas": [0.9]}, "expected 2 items"),
         ({}, "missing required key 'shards'"),
+        ({"shards": "s", "optim": {"lr": float("nan")}}, "invalid value nan for optim.lr; expected a finite number"),
+        ({"shards": "s", "optim": {"lr": ".inf"}}, "invalid value '.inf' for optim.lr; expected a finite number"),
+        ({"shards": "s", 1: "a"}, "unknown key 1; allowed keys"),  # YAML keys need not be strings
     ],
 )
 def test_errors_name_the_key(data, message):
@@ -79,6 +82,15 @@ def test_load_yaml_errors(tmp_path):
     evil.write_text("x: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(UserError, match="invalid YAML"):  # safe_load refuses arbitrary objects
         load_yaml(evil)
+    with pytest.raises(UserError, match=r"invalid YAML \(line 3, column 6\): expected ',' or '\]'"):
+        bad.write_text("train:\n  epochs: [1, 2\nmodel: x\n")
+        load_yaml(bad)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        load_yaml(latin)
+    with pytest.raises(UserError, match="is a directory"):
+        load_yaml(tmp_path)
 
 
 @pytest.mark.parametrize("text, expected", [("256MB", 256_000_000), ("1GiB", 2**30), ("1000", 1000), ("1.5kb", 1500)])

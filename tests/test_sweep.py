@@ -59,6 +59,7 @@ def test_bad_random_syntax(text):
     (["--grid", "run.name=a,b"], "run.name cannot be swept"),
     (["--grid", "optim.lr=0.1,0.2", "--grid", "optim.lr=0.3,0.4"], "optim.lr swept twice"),
     ([], "nothing to sweep"),
+    (["--grid", "optim.lr=0.1,0.2", "--name", "my sweep"], "--name 'my sweep': run: name 'my sweep-000'"),
 ])
 def test_invalid_sweeps_are_one_error_line_before_anything_starts(args, message, capsys, tmp_path):
     store = tmp_path / "mlruns.db"

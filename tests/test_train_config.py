@@ -50,6 +50,8 @@ def test_stable_keys_and_overrides():
     (["scaling.use_gpu=true", "scaling.gpus_per_worker=0.5"], "gpus_per_worker must be >= 1 with use_gpu"),
     (["scaling.use_gpu=true", "data.device=cpu"], "scaling.use_gpu is true but data.device is cpu"),
     (["data.device=gpu"], "data.device is gpu but scaling.use_gpu is false"),
+    (["optim.lr=.nan"], "invalid value nan for optim.lr; expected a finite number"),
+    (["tracking.experiment="], "experiment must be a non-empty name"),
 ])
 def test_bad_values_are_one_clear_error(override, needle):
     with pytest.raises(UserError, match=None) as exc:
@@ -259,3 +261,23 @@ def test_evaluate_defaults_to_the_precision_the_model_was_trained_in(trained, de
     from pipeline.train.evaluate import default_precision
 
     assert default_precision(trained, torch.device(device)) == expected
+
+
+def test_an_empty_config_name_is_an_error_not_the_defaults():
+    with pytest.raises(UserError, match="--config is empty"):
+        load_config("")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--precision", "fp17"], "argument --precision: invalid choice: 'fp17'"),
+    (["shard", "src", "out", "--workers", "abc"], "argument --workers: invalid int value: 'abc'"),
+    (["bench", "bogus"], "argument stage: invalid choice: 'bogus'"),
+])
+def test_a_bad_argument_is_one_line_not_the_usage_block(argv, needle, capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"pipeline {argv[0]}: error: {needle}") and err[0].endswith("--help)")

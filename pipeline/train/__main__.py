@@ -5,16 +5,15 @@ This is the form ``ray job submit -- python -m pipeline.train …`` runs on a cl
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from pipeline.errors import UserError
+from pipeline.errors import ArgumentParser, UserError
 from pipeline.train.command import add_train_arguments, run_train
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` like ``pipeline train`` and run it; user errors become one stderr line and exit 2."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.train",
+    parser = ArgumentParser(prog="python -m pipeline.train",
                                      description="Train on Ray Train and track in MLflow (same as `pipeline train`).")
     add_train_arguments(parser)
     args = parser.parse_args(argv)

@@ -219,6 +219,8 @@ class TrackingSection:
             raise ValueError("system_metrics_interval_s and flush_timeout_s must be >= 0")
         if self.register_model is not None and not self.register_model.strip():
             raise ValueError("register_model must be a non-empty name (or null to not register)")
+        if not self.experiment.strip():
+            raise ValueError("experiment must be a non-empty name (MLflow's experiment for the job's runs)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +275,8 @@ def load_config(name_or_path: str | None, overrides: list[str] | None = None) ->
     A generated name is the config's name plus a timestamp, so two plain runs never
     resume each other; pass ``--set run.name=…`` to make a restart resume.
     """
+    if name_or_path is not None and not str(name_or_path).strip():
+        raise UserError("--config is empty: give a bundled config name or a YAML file (or leave --config out)")
     raw: dict[str, Any] = load_yaml(resolve_config_path(name_or_path)) if name_or_path else {}
     raw = apply_overrides(raw, list(overrides or []))
     cfg = from_dict(TrainConfig, raw)

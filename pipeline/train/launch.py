@@ -66,6 +66,7 @@ def ensure_ray(cfg: TrainConfig, verbose: bool = False) -> None:
         ray.init(log_to_driver=True, **options)  # the cluster of `ray job submit` or an explicit RAY_ADDRESS
         return
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    _check_local_gpus(cfg)
     temp_dir = local_ray_temp_dir()
     if temp_dir:
         options["_temp_dir"] = temp_dir
@@ -73,6 +74,32 @@ def ensure_ray(cfg: TrainConfig, verbose: bool = False) -> None:
     # The dashboard (127.0.0.1) serves the State API that Ray Train's PlacementGroupCleaner polls every second.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=True,
              num_gpus=None if cfg.scaling.use_gpu else 0, **options)
+
+
+def _check_local_gpus(cfg: TrainConfig) -> None:
+    """A local Ray has this machine's GPUs and no more: a job that needs more would wait for them forever."""
+    if not cfg.scaling.use_gpu:
+        return
+    import torch
+
+    workers = cfg.scaling.min_workers if cfg.scaling.elastic else cfg.scaling.num_workers
+    need = workers * cfg.scaling.gpus_per_worker
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < need:
+        raise UserError(f"scaling.use_gpu: the job needs {need:g} GPU(s) ({workers} worker(s) × "
+                        f"{cfg.scaling.gpus_per_worker:g}), this machine has {have}: set scaling.use_gpu=false, "
+                        "fewer scaling.num_workers, or submit to a cluster with GPUs (RAY_ADDRESS)")
+
+
+def _check_local_storage(storage_dir: str) -> None:
+    """``run.storage_path`` on this machine must be a directory it can create and write, before Ray starts."""
+    path = Path(storage_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"run.storage_path: cannot create {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"run.storage_path: cannot write to {path}")
 
 
 # Unix socket paths hold at most 107 bytes on Linux. Ray puts its sockets under its temp dir, the longest at
@@ -269,6 +296,8 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
         "index_sha256": index_digest(cfg.data.shards),  # every worker's node must see this very index.json
         "run_tags": dict(run_tags or {}),
     }
+    if local_storage:
+        _check_local_storage(storage_dir)
     if local_storage and not stop_requests:
         clear_stop(storage_dir)  # a request left by the previous submission is not for this one
     ensure_ray(cfg, verbose)

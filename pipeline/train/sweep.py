@@ -117,6 +117,12 @@ def validate(sweep: Sweep):
         raise UserError("nothing to sweep: give at least one --grid KEY=V1,V2 or --random KEY=LOW:HIGH")
     if sweep.random and sweep.samples < 1:
         raise UserError(f"--samples must be >= 1, got {sweep.samples}")
+    try:  # the trials' names: NAME-000, … must be valid job names
+        base = load_config(sweep.config, [*sweep.overrides, f"run.name={sweep.name}-000"])
+    except UserError as exc:
+        if "run.name" not in str(exc) and "run: name" not in str(exc):
+            raise
+        raise UserError(f"--name {sweep.name!r}: {exc}") from None
     base = load_config(sweep.config, list(sweep.overrides))
     known = flatten(base.to_dict())
     for key in sweep.keys:

@@ -61,3 +61,56 @@ def test_table_helpers():
     rows = [{"k": 0.5, "n": "p"}, {"k": None, "n": "q"}, {"k": 0.9, "n": "r"}]
     assert [r["n"] for r in sort_rows(rows, "k")] == ["p", "r", "q"]  # not a metric: ascending, missing last
     assert format_table([{"x": 1.23456, "y": None}], ["x", "y"]).splitlines() == ["x       y", "1.2346  -"]
+
+
+def test_runs_refuses_a_store_uri_it_cannot_read_in_one_line_touching_nothing(tmp_path, capsys, monkeypatch):
+    """A text file, an empty file or another program's SQLite database given as the store stays as it is
+    (MLflow would turn the last two into its own store); an unknown scheme and a directory (MLflow 3's
+    file store, refused) are one line naming the URI too, not MLflow's or SQLAlchemy's traceback."""
+    import sqlite3
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    (tmp_path / "notes.db").write_text("not a database\n")
+    (tmp_path / "empty.db").write_bytes(b"")
+    con = sqlite3.connect(tmp_path / "other.db")
+    con.execute("CREATE TABLE t (x)")
+    con.commit()
+    con.close()
+    other = (tmp_path / "other.db").read_bytes()
+    (tmp_path / "dir").mkdir()
+    cases = {
+        f"sqlite:///{tmp_path / 'notes.db'}": "is not an SQLite database",
+        f"sqlite:///{tmp_path / 'empty.db'}": "is an empty file",
+        f"sqlite:///{tmp_path / 'other.db'}": "SQLite database of something else",
+        "foo://bar": "got unsupported URI 'foo://bar'",
+        str(tmp_path / "dir"): "file store",
+        (tmp_path / "dir").as_uri(): "file store",
+        str(tmp_path / "nodir"): "no MLflow store at",
+    }
+    for uri, says in cases.items():
+        assert main(["runs", "--tracking-uri", uri]) == 2, uri
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("pipeline runs: error: ") and says in err[0], (uri, err)
+        assert uri in err[0] or str(tmp_path) in err[0], err  # names what it was given
+        assert "Traceback" not in captured.err + captured.out
+    assert (tmp_path / "notes.db").read_text() == "not a database\n"
+    assert (tmp_path / "empty.db").stat().st_size == 0
+    assert (tmp_path / "other.db").read_bytes() == other
+    assert not list((tmp_path / "dir").iterdir()) and not (tmp_path / "nodir").exists()
+
+
+@pytest.mark.timeout(60)  # MLflow alone retries for minutes without a word
+def test_runs_says_at_once_when_no_server_answers(capsys):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    assert main(["runs", "--tracking-uri", uri]) == 2
+    assert time.monotonic() - start < 30
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pipeline runs: error: cannot reach the MLflow server at {uri}: "), err

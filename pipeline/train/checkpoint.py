@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,23 +91,63 @@ def _state_path(path: str | Path) -> Path:
 
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load ``state.pt`` from a checkpoint directory or file, tensors only (``weights_only=True``)."""
+    """Load ``state.pt`` from a checkpoint directory or file, tensors only (``weights_only=True``).
+
+    A file that cannot be loaded so (empty, truncated, not a PyTorch file, one holding other objects)
+    is one ``UserError`` line with the first line of the reason.
+    """
     p = _state_path(path)
     try:
-        return torch.load(p, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"cannot read checkpoint {p}: {exc}") from None
+        if p.stat().st_size == 0:
+            raise UserError(f"cannot read checkpoint {p}: empty file")
+        with warnings.catch_warnings(record=True) as caught:  # torch's pickle-protocol warnings of foreign files
+            warnings.simplefilter("always")
+            state = torch.load(p, map_location=map_location, weights_only=True)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a file it cannot read
+        raise UserError(f"cannot read checkpoint {p}: {_load_failure(exc)}") from None
+    for w in caught:  # a file that loaded: its warnings as they would have been
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return state
+
+
+def _load_failure(exc: BaseException) -> str:
+    """The first line of why ``torch.load`` failed, without torch's advice to load with ``weights_only=False``
+    (which runs whatever code the file holds)."""
+    text = str(exc)
+    if "weights_only" in text or "Weights only" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+        detail = next((line.strip() for line in detail.splitlines() if line.strip()), "")
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", detail).split(". ", 1)[0].rstrip(".")
+        if "weights_only" in detail:
+            detail = ""
+        return ("not a tensors-only PyTorch file, which is all a checkpoint is loaded as"
+                + (f" ({detail})" if detail else ""))
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if isinstance(exc, (OSError, RuntimeError)) and first:
+        return first
+    return f"not a PyTorch file ({type(exc).__name__}{': ' + first if first else ''})"
 
 
 def load_meta(path: str | Path) -> dict[str, Any]:
-    """``meta.json`` next to ``state.pt`` ({} when absent)."""
+    """``meta.json`` next to ``state.pt`` ({} when absent); one that is not a JSON object is a ``UserError``."""
     p = _state_path(path).parent / META_FILE
     if not p.is_file():
         return {}
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {p}: {exc}") from None
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, not UTF-8
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot read {p}: {first}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"cannot read {p}: a JSON object of the model's name, classes and input shape expected, "
+                        f"not a JSON {_json_kind(meta)}; was it written by pipeline train?")
+    return meta
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 def result_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -116,7 +158,11 @@ def result_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model saved in a checkpoint; returns ``(model, meta)``."""
+    """Rebuild the model saved in a checkpoint; returns ``(model, meta)``.
+
+    Weights that do not fit the model ``meta.json`` describes (another architecture, class count or
+    input shape than ``state.pt`` holds) are one ``UserError`` naming the checkpoint.
+    """
     from pipeline.train.models import build_model
 
     meta = load_meta(path)
@@ -124,9 +170,26 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     if missing:
         raise UserError(f"checkpoint {path} has no {META_FILE} with {', '.join(missing)}: "
                         "was it written by pipeline train?")
-    model = build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
-                        meta.get("dropout", 0.0), meta.get("width"))
-    model.load_state_dict(result_weights(load_state(path, map_location)))
+    described = (f"{meta['model']}, {meta['num_classes']} classes of "
+                 f"{meta['in_channels']}×{meta['image_size']}² inputs")
+    try:
+        model = build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
+                            meta.get("dropout", 0.0), meta.get("width"))
+    except (TypeError, ValueError, RuntimeError) as exc:  # UserError too: an unknown model name
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"checkpoint {path}: its {META_FILE} does not describe a model pipeline train builds "
+                        f"({described}): {first}") from None
+    state = load_state(path, map_location)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise UserError(f"checkpoint {path}: its {STATE_FILE} holds no model weights: "
+                        "was it written by pipeline train?")
+    try:
+        model.load_state_dict(result_weights(state))
+    except (RuntimeError, TypeError, KeyError) as exc:  # RuntimeError: missing keys, other shapes
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = (lines[1] if len(lines) > 1 else lines[0]) if lines else type(exc).__name__
+        raise UserError(f"checkpoint {path}: the weights in its {STATE_FILE} do not fit the model its {META_FILE} "
+                        f"describes ({described}): {reason}") from None
     return model, meta
 
 

@@ -66,9 +66,13 @@ def load_for_eval(model_ref: str, num_classes: int, in_channels: int, image_size
         import mlflow
 
         from pipeline.train.models import MODEL_NAMES, build_model, width_of
-        from pipeline.train.tracking import load_mlflow_model, logged_model_name, resolve_tracking_uri
+        from pipeline.train.tracking import (load_mlflow_model, logged_model_name, missing_sqlite_store,
+                                             resolve_tracking_uri)
 
         uri = resolve_tracking_uri(None)  # $MLFLOW_TRACKING_URI or ./mlruns.db, as for train
+        if missing_sqlite_store(uri):  # opening it would create an empty store (and its directory)
+            raise UserError(f"--model {model_ref}: no MLflow store at {uri}; set MLFLOW_TRACKING_URI to the one "
+                            "the model was logged to")
         loaded = load_mlflow_model(model_ref, uri)
         name = logged_model_name(mlflow.MlflowClient(uri), model_ref)
         if name not in MODEL_NAMES:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from typing import Any
 
 from pipeline.errors import UserError
@@ -87,9 +88,14 @@ def runs_table(tracking_uri: str, experiment: str | None, sort: str | None = Non
     """The table ``pipeline runs`` prints."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri)
-    exp = _pick_experiment(client, experiment)
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=limit)
+    try:  # a URI MLflow cannot use fails here, each kind with its own exception type
+        client = mlflow.MlflowClient(tracking_uri)
+        exp = _pick_experiment(client, experiment)
+        runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=limit)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy, requests: all mean "not a store to read"
+        raise UserError(f"cannot read the MLflow store at {tracking_uri}: {_first_line(exc)}") from None
     if not runs:
         return f"experiment {exp.name}: no runs"
     params = differing_params(runs)
@@ -121,6 +127,95 @@ def _pick_experiment(client, name: str | None):
     return exps[0]
 
 
+SQLITE_HEADER = b"SQLite format 3\0"
+PROBE_TIMEOUT_S = 5.0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    if "MLFLOW_ALLOW_FILE_STORE" in text:  # MLflow 3's refusal of a directory (file store): one long paragraph
+        return ("MLflow's file store (a directory) is in maintenance mode and refused; use a sqlite:/// or "
+                "http(s):// store, or set MLFLOW_ALLOW_FILE_STORE=true")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return first.split(". ", 1)[0].rstrip(".") if first else type(exc).__name__  # its first sentence
+
+
+def check_store(uri: str) -> None:
+    """One ``UserError`` line for a store ``pipeline runs`` cannot read, found without changing anything:
+    a ``sqlite:///`` file that is missing or is not an MLflow SQLite database (MLflow would turn an empty
+    or foreign one into its own), or an ``http(s)://`` server that does not answer (MLflow would retry
+    for minutes in silence)."""
+    from pipeline.train.tracking import missing_sqlite_store
+
+    missing = missing_sqlite_store(uri)
+    if missing:
+        raise UserError(f"no MLflow store at {missing}: train first, or pass --tracking-uri "
+                        "(or set MLFLOW_TRACKING_URI)")
+    if uri.startswith("sqlite:///"):
+        _check_sqlite_store(uri, uri[len("sqlite:///"):])
+    elif uri.lower().startswith(("http://", "https://")):
+        _probe_server(uri)
+    elif "://" not in uri or uri.startswith("file:"):  # MLflow's file store: a directory it would create
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        path = url2pathname(urlparse(uri).path) if uri.startswith("file:") else uri
+        if not os.path.isdir(path):
+            raise UserError(f"no MLflow store at {path}: train first, or pass --tracking-uri "
+                            "(or set MLFLOW_TRACKING_URI)")
+
+
+def _check_sqlite_store(uri: str, path: str) -> None:
+    import sqlite3
+    from pathlib import Path
+
+    try:
+        with open(path, "rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise UserError(f"cannot read the MLflow store at {uri}: {exc.strerror or exc}") from None
+    if header != SQLITE_HEADER:
+        what = "an empty file" if not header else "not an SQLite database"
+        raise UserError(f"no MLflow store at {uri}: {path} is {what}; pass --tracking-uri the sqlite:/// "
+                        "file pipeline train logged to (or set MLFLOW_TRACKING_URI)")
+    try:  # read-only: a database of another program is left as it is
+        con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return  # locked, or the like: MLflow says what it is
+    if "experiments" not in tables:
+        raise UserError(f"no MLflow store at {uri}: {path} is an SQLite database of something else (no "
+                        "experiments table); pass --tracking-uri the sqlite:/// file pipeline train logged to")
+
+
+def _probe_server(uri: str) -> None:
+    """One GET of ``URI/health``: any HTTP answer (even 401 or 404) means a server is there."""
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # a timeout, a reset, a malformed URL
+        reason = exc
+    if isinstance(reason, ssl.SSLError):
+        return  # a TLS server answered; MLflow's own settings decide (MLFLOW_TRACKING_INSECURE_TLS, …)
+    if isinstance(reason, TimeoutError):  # socket.timeout is TimeoutError
+        text = f"no answer within {PROBE_TIMEOUT_S:.0f} s"
+    else:
+        text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+    raise UserError(f"cannot reach the MLflow server at {uri}: {text}")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``runs`` to the ``pipeline`` command."""
     p = subparsers.add_parser(
@@ -137,17 +232,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from pipeline.train.tracking import missing_sqlite_store, resolve_tracking_uri
+    from pipeline.train.tracking import resolve_tracking_uri
 
     if args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     uri = resolve_tracking_uri(args.tracking_uri)
-    missing = missing_sqlite_store(uri)
-    if missing:
-        raise UserError(f"no MLflow store at {missing}: train first, or pass --tracking-uri "
-                        "(or set MLFLOW_TRACKING_URI)")
+    check_store(uri)
     print(runs_table(uri, args.experiment, args.sort, args.limit))
     return 0
 
 
-__all__ = ["differing_params", "format_table", "register", "run_rows", "runs_table", "sort_rows"]
+__all__ = ["check_store", "differing_params", "format_table", "register", "run_rows", "runs_table", "sort_rows"]

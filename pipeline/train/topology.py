@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from pipeline.errors import UserError
 from pipeline.fileio import is_uri
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its task names in error texts
 PROBE_TIMEOUT_S = 180.0  # a node that cannot start a task in this time is as good as missing
 
 
@@ -78,7 +80,10 @@ def check_nodes(shards: Path, index_sha256: str, storage: str) -> int:
         except ray.exceptions.GetTimeoutError:
             problem = f"no answer within {PROBE_TIMEOUT_S:.0f} s"
         except ray.exceptions.RayError as exc:
-            problem = f"check failed: {str(exc).splitlines()[0]}"
+            cause = getattr(exc, "cause", None)  # a RayTaskError's own exception: say it, not Ray's wrapper
+            text = f"{type(cause).__name__}: {cause}" if isinstance(cause, Exception) else str(exc)
+            first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+            problem = f"check failed: {re.sub(ANSI, '', first).strip()}"
         if problem:
             problems.append(f"node {ip}: {problem}")
     if problems:

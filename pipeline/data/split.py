@@ -120,6 +120,8 @@ def plan_split(shard_dir: Path, manifest: dict[str, Any], split: str, *, rank: i
     if num_samples != int(entry["samples"]):
         raise UserError(f"{shard_dir}/index.json: split {split!r} says {entry['samples']} samples "
                         f"but its shards hold {num_samples}: rebuild the shards")
+    if num_samples == 0:
+        raise UserError(f"split {split!r} of {shard_dir} has no samples")
     if num_samples < world_size:
         raise UserError(f"split {split!r} of {shard_dir} has {num_samples} samples, fewer than "
                         f"world_size={world_size}: every rank needs at least one")

@@ -164,6 +164,48 @@ def test_source_train_val_layout(tmp_path):
     assert all(json.loads(s["json"])["source"].startswith("val/") for s in all_samples(tmp_path / "out", "val"))
 
 
+def test_flat_val_without_val_labels_is_refused(tmp_path, capsys):
+    """train/<class>/ beside a flat val/ (images directly in it) used to become the classes "train" and
+    "val", every image in train. Without --val-labels it is one line saying what is missing."""
+    make_label_folder(tmp_path / "src" / "train", ["x", "y"], 2)
+    make_label_folder(tmp_path / "flat", ["x"], 2)
+    (tmp_path / "flat" / "x").rename(tmp_path / "src" / "val")  # val/img_0000.jpg, no class folders
+    assert shard(tmp_path / "src", tmp_path / "out") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--val-labels FILE" in lines[0] and f"{tmp_path / 'src' / 'val'}" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_symlink_loop_in_an_image_folder_lists_each_image_once(tmp_path):
+    """A link back up (bird/loop -> ..) is followed no further; linked-in data is still followed."""
+    src = make_label_folder(tmp_path / "src", ["bird", "cat"], 3)
+    (src / "bird" / "loop").symlink_to("..")
+    make_label_folder(tmp_path / "elsewhere", ["more"], 2)
+    (src / "cat" / "linked").symlink_to(tmp_path / "elsewhere" / "more", target_is_directory=True)
+    (src / "cat" / "linked again").symlink_to(tmp_path / "elsewhere" / "more", target_is_directory=True)
+    assert shard(src, tmp_path / "out") == 0
+    m = read_manifest(tmp_path / "out")
+    sources = sorted(json.loads(s["json"])["source"] for s in all_samples(tmp_path / "out", "train"))
+    assert sources == [f"bird/img_{i:04d}.jpg" for i in range(3)] + [f"cat/img_{i:04d}.jpg" for i in range(3)] \
+        + [f"cat/linked/img_{i:04d}.jpg" for i in range(2)]
+    assert {s["source"]: s["reason"].split(":")[0] for s in m["skipped"]} == {
+        "bird/loop": "folder already listed", "cat/linked again": "folder already listed"}
+
+
+def test_out_dir_inside_the_image_folder_resumes_on_rerun(tmp_path, capsys):
+    """`pipeline shard if2 if2/out`: the rerun (the documented resume) lists what the first run listed,
+    rather than finding a new class "out" and refusing."""
+    src = make_label_folder(tmp_path / "src", ["a", "b"], 3)
+    out = src / "out"
+    assert shard(src, out) == 0
+    first = dir_bytes(out)
+    assert read_manifest(out)["classes"] == ["a", "b"]
+    capsys.readouterr()
+    assert shard(src, out) == 0, capsys.readouterr().err
+    assert "nothing to do" in capsys.readouterr().out
+    assert dir_bytes(out) == first
+
+
 def test_cifar10_batches(tmp_path):
     src = make_cifar10(tmp_path / "c", per_batch=4)
     assert shard(tmp_path / "c", tmp_path / "out") == 0  # detected in the parent folder

@@ -158,3 +158,101 @@ def test_ctrl_c_of_a_two_worker_build_says_so_once_and_the_rerun_continues(fmnis
     resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming: {done} of 60 shards already done" in resumed.stderr
+
+
+def _one_error_line(argv: list[str], capsys) -> str:
+    """Run ``pipeline ARGV`` in-process; assert exit 2 and exactly one ``pipeline CMD: error:`` line; return it."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"pipeline {argv[0]}: error: "), (code, lines)
+    return lines[0]
+
+
+def test_negative_seed_is_one_line(tmp_path, good, capsys):
+    line = _one_error_line(["shard", str(good), str(tmp_path / "out"), "--seed", "-1", "--no-progress"], capsys)
+    assert "--seed must be >= 0, got -1" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_classes_file_that_is_not_utf8_is_one_line(tmp_path, good, capsys):
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes("a\nb\u00e9\n".encode("latin-1"))
+    line = _one_error_line(["shard", str(good), str(tmp_path / "out"), "--classes", str(classes), "--no-progress"],
+                           capsys)
+    assert f"cannot read --classes file {classes}" in line and "UTF-8" in line
+
+
+def test_plan_file_that_is_not_an_object_is_one_line(tmp_path, good, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".shard-plan.json").write_text("[1, 2]\n")  # valid JSON, not a plan
+    line = _one_error_line(["shard", str(good), str(out), "--no-progress"], capsys)
+    assert "unreadable plan" in line and str(out) in line
+    assert (out / ".shard-plan.json").read_text() == "[1, 2]\n"  # left for the user to look at
+
+
+@pytest.fixture(scope="module")
+def built(good, tmp_path_factory) -> Path:
+    from pipeline.cli import main
+
+    out = tmp_path_factory.mktemp("built") / "out"
+    assert main(["shard", str(good), str(out), "--val-fraction", "0.5", "--no-progress"]) == 0
+    return out
+
+
+def _drop(d: dict, key: str) -> None:
+    del d[key]
+
+
+@pytest.mark.parametrize("name,edit,expected", [
+    ("no num_classes", lambda m: _drop(m, "num_classes"), "missing 'num_classes'"),
+    ("shards null", lambda m: m["splits"]["train"].update(shards=None), "'splits.train.shards' is null"),
+    ("shard without sha256", lambda m: _drop(m["splits"]["val"]["shards"][0], "sha256"),
+     "'splits.val.shards[0]' has no 'sha256'"),
+    ("no split", lambda m: m.update(splits={}), "'splits' lists no split"),
+    ("classes not a list", lambda m: m.update(classes="a b"), "'classes' is a string, expected a list"),
+    ("count not a number", lambda m: m["splits"]["train"].update(samples="2"), "'splits.train.samples' is a string"),
+    ("wrong num_classes", lambda m: m.update(num_classes=7), "'num_classes' is 7 but 'classes' lists 2"),
+])
+def test_malformed_index_json_is_one_line_naming_the_problem(built, tmp_path, capsys, name, edit, expected):
+    """verify (2 workers: the shard checks run in other processes) and every read_manifest caller get
+    one line naming index.json and the first problem, instead of a KeyError, TypeError or "ok"."""
+    import json
+    import shutil
+
+    from pipeline.errors import UserError
+    from pipeline.shard.manifest import read_manifest
+
+    out = tmp_path / "out"
+    shutil.copytree(built, out)
+    assert read_manifest(out)  # as written by `pipeline shard`: valid
+    m = json.loads((out / "index.json").read_text())
+    edit(m)
+    (out / "index.json").write_text(json.dumps(m))
+    line = _one_error_line(["verify", str(out), "--workers", "2"], capsys)
+    assert f"{out / 'index.json'}: {expected}" in line, (name, line)
+    with pytest.raises(UserError, match="index.json"):
+        read_manifest(out)
+
+
+def test_unreachable_ray_address_fails_fast_and_leaves_nothing(tmp_path, good):
+    """`--executor ray --ray-address HOST:PORT` with nothing listening: one line within seconds (ray.init
+    alone retries for minutes), and OUT_DIR is not created, so no stale plan refuses a later build."""
+    import socket
+    import time
+
+    with socket.socket() as sock:  # bound, never listening: connections to it are refused
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "shard", str(good), str(tmp_path / "out"),
+                               "--executor", "ray", "--ray-address", address, "--no-progress"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"pipeline shard: error: cannot reach a Ray cluster at {address}: "), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from pipeline.errors import UserError
 from pipeline.progress import Progress
 from pipeline.shard.config import ShardConfig
-from pipeline.shard.executors import run_tasks
+from pipeline.shard.executors import connect, run_tasks
 from pipeline.shard.manifest import MANIFEST, build_manifest
 from pipeline.shard.plan import ShardPlan, fingerprint, make_plan
 from pipeline.shard.sources import Listing, list_source
@@ -44,22 +44,25 @@ def build(config: ShardConfig, *, log: TextIO | None = None) -> BuildReport:
     log = log if log is not None else sys.stderr
     t0 = time.perf_counter()
     listing = list_source(config.source, config.format, config.classes_file, val_labels=config.val_labels,
-                          class_names_file=config.class_names_file)
+                          class_names_file=config.class_names_file, exclude=config.out_dir)
     config = dataclasses.replace(config, format=listing.format)
     plans = make_plan(listing, val_fraction=config.val_fraction, seed=config.seed,
                       samples_per_shard=config.samples_per_shard, shard_size=config.shard_size, limit=config.limit)
     options = config.output_options()
     fp = fingerprint(listing, options, plans)
-    _prepare_out_dir(config.out_dir, fp, listing, options)
 
     results: dict[str, ShardResult] = {}
     todo: list[ShardPlan] = []
     for p in plans:
-        done = read_done(config.out_dir, p.name)
+        done = read_done(config.out_dir, p.name)  # None while OUT_DIR does not exist yet
         if done is None:
             todo.append(p)
         else:
             results[p.name] = done
+    if todo:
+        # Before OUT_DIR is touched: an unreachable cluster fails fast and leaves nothing behind.
+        connect(config)
+    _prepare_out_dir(config.out_dir, fp, listing, options)  # refuses markers of another build read above
     planned = {p.name: len(p.records) for p in todo}
     if len(todo) < len(plans):
         print(f"resuming: {len(plans) - len(todo)} of {len(plans)} shards already done", file=log)
@@ -107,6 +110,8 @@ def _prepare_out_dir(out_dir: Path, fp: str, listing: Listing, options: dict[str
             existing = json.loads(plan_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             existing = {}
+        if not isinstance(existing, dict):  # valid JSON, but not a plan we wrote
+            existing = {}
         if existing.get("fingerprint") != fp:
             raise UserError(f"OUT_DIR {out_dir} holds shards built {_difference(existing, wanted)}; "
                             "use another OUT_DIR or delete it to rebuild")
@@ -129,7 +134,8 @@ def _difference(existing: dict[str, Any], wanted: dict[str, Any]) -> str:
     for key in ("source", "format", "classes"):
         if existing.get(key) != wanted[key]:
             return f"with {key} {existing.get(key)!r} (now {wanted[key]!r})"
-    old = existing.get("options", {})
+    old = existing.get("options")
+    old = old if isinstance(old, dict) else {}
     for key, value in wanted["options"].items():
         if old.get(key) != value:
             return f"with {key}={old.get(key)!r} (now {value!r})"

@@ -59,6 +59,8 @@ class ShardConfig:
             raise ValueError(f"invalid check {self.check!r}; allowed values: decode, header")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if self.samples_per_shard < 1:
             raise ValueError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
         if self.shard_size < 1:

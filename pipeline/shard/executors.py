@@ -145,18 +145,62 @@ def _run_local(plans: list[ShardPlan], config: ShardConfig) -> Iterator[ShardRes
             yield finished.get().result()  # on any exception the pool cancels the rest (_QuietPool.__exit__)
 
 
-def _run_ray(plans: list[ShardPlan], config: ShardConfig, nodes: Counter) -> Iterator[ShardResult]:
+RAY_PROBE_TIMEOUT_S = 5.0
+
+
+def connect(config: ShardConfig) -> None:
+    """Join (or start) the Ray cluster ``config`` asks for; nothing for the local executor.
+
+    The build calls this before it writes anything, so a wrong ``--ray-address`` costs seconds,
+    not minutes, and leaves OUT_DIR as it was. Idempotent.
+    """
+    if config.executor != "ray":
+        return
     try:
         import ray
     except ImportError:
         raise UserError("--executor ray needs Ray: pip install 'ray[default]'") from None
-    if not ray.is_initialized():
-        quiet_token_notice()
-        try:
-            # Without --ray-address: an existing cluster from RAY_ADDRESS, else a local one.
-            ray.init(address=config.ray_address, log_to_driver=False, configure_logging=False)
-        except ConnectionError as exc:
-            raise UserError(f"cannot connect to Ray at {config.ray_address}: {exc}") from None
+    if ray.is_initialized():
+        return
+    # Without --ray-address: an existing cluster from RAY_ADDRESS, else a local one.
+    address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _probe(address)
+    quiet_token_notice()
+    try:
+        ray.init(address=config.ray_address, log_to_driver=False, configure_logging=False)
+    except ConnectionError as exc:
+        raise UserError(f"cannot connect to Ray at {address}: {exc}") from None
+
+
+def _probe(address: str) -> None:
+    """A bounded TCP connect to a ``host:port`` / ``ray://host:port`` address.
+
+    ray.init retries an unreachable GCS for minutes before it gives up; this fails in seconds.
+    Addresses without a port ("auto", "local") are left to Ray.
+    """
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    host = host.strip("[]")  # [::1]:6379
+    if not 0 < int(port) < 65536:
+        raise UserError(f"cannot reach a Ray cluster at {address}: port {port} is outside 1..65535")
+    try:
+        with socket.create_connection((host, int(port)), timeout=RAY_PROBE_TIMEOUT_S):
+            pass
+    except socket.timeout:
+        raise UserError(f"cannot reach a Ray cluster at {address}: no answer within {RAY_PROBE_TIMEOUT_S:g} s; "
+                        "check --ray-address (the head's GCS port, 6379 by default) or RAY_ADDRESS") from None
+    except OSError as exc:
+        raise UserError(f"cannot reach a Ray cluster at {address}: {exc.strerror or exc}; "
+                        "check --ray-address (the head's GCS port, 6379 by default) or RAY_ADDRESS") from None
+
+
+def _run_ray(plans: list[ShardPlan], config: ShardConfig, nodes: Counter) -> Iterator[ShardResult]:
+    connect(config)  # a no-op when the build already connected
+    import ray
+
     # SPREAD: Ray's default packs tasks onto the driver's node while it has free CPUs; shard
     # tasks are long and I/O-heavy, so spreading them puts every node's disks and cores to work.
     task = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(_write_on_node)

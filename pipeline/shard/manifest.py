@@ -49,7 +49,8 @@ def build_manifest(*, source: Path, fmt: str, options: dict[str, Any], classes: 
 
 
 def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    """Load ``shard_dir/index.json``; ``UserError`` when it is missing, unreadable or of another version."""
+    """Load ``shard_dir/index.json``; ``UserError`` when it is missing, unreadable, of another version or
+    not shaped as ``build_manifest`` writes it (the first problem, by key path)."""
     path = Path(shard_dir) / MANIFEST
     try:
         with open(path, encoding="utf-8") as f:
@@ -59,10 +60,76 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"no {MANIFEST} in {shard_dir}{hint}") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or not _is(manifest.get("format_version"), int) \
+            or manifest["format_version"] != FORMAT_VERSION:
         found = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise UserError(f"{path}: format_version {found!r} is not supported (expected {FORMAT_VERSION})")
-    for key in ("classes", "splits", "preset"):
-        if key not in manifest:
-            raise UserError(f"{path}: missing {key!r}")
+    problem = _structure_problem(manifest)
+    if problem:
+        raise UserError(f"{path}: {problem}; rerun the `pipeline shard` command that built it to rewrite it")
     return manifest
+
+
+_SHARD_FIELDS = {"tar": str, "index": str, "samples": int, "bytes": int, "sha256": str}
+
+
+def _structure_problem(manifest: dict[str, Any]) -> str | None:
+    """The first way ``manifest`` differs from what ``build_manifest`` writes, or None.
+
+    Every reader (verify, the loaders, training) indexes these keys without checking them, so
+    a hand-edited or half-written index.json is caught here, once, instead of as a traceback.
+    """
+    for key, kind in (("classes", list), ("num_classes", int), ("preset", str), ("splits", dict)):
+        if key not in manifest:
+            return f"missing {key!r}"
+        if not _is(manifest[key], kind):
+            return f"{key!r} is {_kind(manifest[key])}, expected {_KIND_NAMES[kind]}"
+    classes = manifest["classes"]
+    if not classes or not all(isinstance(c, str) for c in classes):
+        return "'classes' must be a non-empty list of class names"
+    if manifest["num_classes"] != len(classes):
+        return f"'num_classes' is {manifest['num_classes']} but 'classes' lists {len(classes)}"
+    if "class_names" in manifest and not _is(manifest["class_names"], list):
+        return f"'class_names' is {_kind(manifest['class_names'])}, expected a list"
+    if not manifest["splits"]:
+        return "'splits' lists no split"
+    for split, info in manifest["splits"].items():
+        where = f"splits.{split}"
+        if not _is(info, dict):
+            return f"{where!r} is {_kind(info)}, expected an object"
+        for key, kind in (("samples", int), ("bytes", int), ("shards", list)):
+            if key not in info:
+                return f"{where!r} has no {key!r}"
+            if not _is(info[key], kind) or (kind is int and info[key] < 0):
+                return f"'{where}.{key}' is {_kind(info[key])}, expected {_KIND_NAMES[kind]}"
+        for i, shard in enumerate(info["shards"]):
+            at = f"{where}.shards[{i}]"
+            if not _is(shard, dict):
+                return f"{at!r} is {_kind(shard)}, expected an object"
+            for key, kind in _SHARD_FIELDS.items():
+                if key not in shard:
+                    return f"{at!r} has no {key!r}"
+                value = shard[key]
+                if not _is(value, kind) or (kind is int and value < 0) or (kind is str and not value):
+                    return f"'{at}.{key}' is {_kind(value)}, expected {_KIND_NAMES[kind]}"
+    return None
+
+
+_KIND_NAMES = {list: "a list", dict: "an object", str: "a non-empty string", int: "a non-negative integer"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    # JSON true/false load as bool, a subclass of int: never a count.
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "a string" if value else "an empty string"
+    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)

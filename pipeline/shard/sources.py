@@ -105,8 +105,9 @@ def read_classes_file(path: Path) -> tuple[str, ...]:
     """Class names, one per line in label order (blank lines and ``#`` comments ignored)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise UserError(f"cannot read --classes file {path}: {exc.strerror or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read --classes file {path}: {getattr(exc, 'strerror', None) or exc} "
+                        "(expected UTF-8 text, one class name per line)") from None
     names = tuple(s.strip() for s in lines if s.strip() and not s.strip().startswith("#"))
     if not names:
         raise UserError(f"--classes file {path} lists no class names")
@@ -117,11 +118,12 @@ def read_classes_file(path: Path) -> tuple[str, ...]:
 
 
 def list_source(path: Path, fmt: str = "auto", classes_file: Path | None = None, *, val_labels: Path | None = None,
-                class_names_file: Path | None = None) -> Listing:
+                class_names_file: Path | None = None, exclude: Path | None = None) -> Listing:
     """List a source: detect its format if ``fmt`` is auto, read its classes, enumerate its samples.
 
     ``val_labels`` labels a flat val folder (ImageNet's); ``class_names_file`` maps class folder
-    names (wnids) to human names.
+    names (wnids) to human names. ``exclude`` (the OUT_DIR, when it lies inside an image folder)
+    is left out of the listing, so a rerun lists the same inputs as the first run did.
     """
     from pipeline.shard import imagenet
 
@@ -142,7 +144,7 @@ def list_source(path: Path, fmt: str = "auto", classes_file: Path | None = None,
         listing = imagenet.list_split_tree(path, path / "train", path / "val", fmt=fmt, val_labels=val_labels,
                                            class_names_file=class_names_file)
     elif fmt == "imagefolder":
-        listing = _list_imagefolder(path, classes)
+        listing = _list_imagefolder(path, classes, exclude)
     elif fmt == "mnist-idx":
         listing = _list_arrays(path, fmt, MnistArrays(path), classes or _mnist_class_names(path))
     elif fmt == "cifar10":
@@ -161,12 +163,24 @@ def list_source(path: Path, fmt: str = "auto", classes_file: Path | None = None,
 # ----------------------------------------------------------------------------- imagefolder
 
 
-def _list_imagefolder(root: Path, classes: tuple[str, ...] | None) -> Listing:
+def _list_imagefolder(root: Path, classes: tuple[str, ...] | None, exclude: Path | None = None) -> Listing:
+    # The real path of a directory never to list (OUT_DIR inside SOURCE): compared resolved, so
+    # a relative, absolute or symlinked spelling of it is recognised alike.
+    skip_dir = os.path.realpath(exclude) if exclude is not None else None
+
+    def subdirs(path: Path) -> list[str]:
+        return [n for n in _subdirs(path) if os.path.realpath(path / n) != skip_dir]
+
     # ImageNet's layout with the val split already arranged by class: root/{train,val}/<class>/...
-    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
-    has_splits = set(split_dirs) == set(SPLITS) and all(_subdirs(d) for d in split_dirs.values())
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir() and os.path.realpath(root / s) != skip_dir}
+    if set(split_dirs) == set(SPLITS) and subdirs(split_dirs["train"]) and not subdirs(split_dirs["val"]) \
+            and _has_visible_files(split_dirs["val"]):
+        # Without this, train/ and val/ themselves became the two classes, every image in train.
+        raise UserError(f"{split_dirs['val']} is a flat val folder (images without class folders): give its "
+                        "labels with --val-labels FILE ('file label' lines), or arrange it as val/<class>/")
+    has_splits = set(split_dirs) == set(SPLITS) and all(subdirs(d) for d in split_dirs.values())
     parts = [(s, d) for s, d in split_dirs.items()] if has_splits else [(None, root)]
-    folders = sorted({name for _, d in parts for name in _subdirs(d)})
+    folders = sorted({name for _, d in parts for name in subdirs(d)})
     if not folders:
         raise UserError(f"no class folders in {root}: imagefolder expects one sub-folder per class")
     if classes is None:
@@ -178,9 +192,23 @@ def _list_imagefolder(root: Path, classes: tuple[str, ...] | None) -> Listing:
     label_of = {name: i for i, name in enumerate(classes)}
     records: list[Record] = []
     skipped: list[Skip] = []
+    # Directories already listed, by (st_dev, st_ino) of the real directory. Seeded with the root,
+    # the split folders and every class folder, so that a link back up (bird/loop -> ..) or to
+    # another class's folder is never walked as part of this class.
+    seen: dict[tuple[int, int], str] = {}
     for split, base in parts:
-        for name in sorted(_subdirs(base)):
-            for rel in _walk_files(base / name):
+        for d in [root, base, *(base / n for n in subdirs(base))]:
+            seen.setdefault(_dir_id(d), str(d))
+    for split, base in parts:
+        for name in sorted(subdirs(base)):
+            files, repeats = _walk_files(base / name, seen, skip_dir)
+            for rel, first in repeats:
+                shown = (base / name / rel).relative_to(root).as_posix()
+                first = Path(os.path.relpath(first, root)).as_posix()
+                first = "the source folder" if first == "." else first
+                skipped.append(Skip(split, shown, f"folder already listed: the same directory as {first} "
+                                                  "(a symlink loop or a second link to it)"))
+            for rel in files:
                 full = base / name / rel
                 shown = full.relative_to(root).as_posix()
                 if full.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -199,16 +227,53 @@ def _subdirs(path: Path) -> list[str]:
     return [e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
 
 
-def _walk_files(top: Path) -> list[str]:
-    """Relative paths of all non-hidden files under ``top`` (nested folders included), sorted."""
-    out = []
+def _has_visible_files(path: Path) -> bool:
+    with os.scandir(path) as it:
+        return any(not e.name.startswith(".") and e.is_file() for e in it)
+
+
+def _dir_id(path: Path | str) -> tuple[int, int]:
+    st = os.stat(path)  # follows symlinks: the identity of the real directory
+    return st.st_dev, st.st_ino
+
+
+def _walk_files(top: Path, seen: dict[tuple[int, int], str] | None = None,
+                skip_dir: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Relative paths of all non-hidden files under ``top`` (nested folders included), sorted.
+
+    Symlinks to directories are followed (data is often linked in), but a directory already in
+    ``seen`` (by device and inode, updated here) is not entered again: those come back as
+    ``(relative path, path it was first listed under)`` in the second list, so a symlink loop ends.
+    ``skip_dir`` (a real path) is never entered.
+    """
+    seen = {} if seen is None else seen
+    seen.setdefault(_dir_id(top), str(top))
+    out: list[str] = []
+    repeats: list[tuple[str, str]] = []
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel = os.path.relpath(dirpath, top)
+        keep = []
+        # Sorted, so which of two links to one directory counts as first is the same on every run.
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            full = os.path.join(dirpath, d)
+            if skip_dir is not None and os.path.realpath(full) == skip_dir:
+                continue
+            try:
+                ident = _dir_id(full)
+            except OSError:
+                keep.append(d)  # os.walk reports nothing either; as before
+                continue
+            sub = d if rel == "." else os.path.join(rel, d)
+            if ident in seen:
+                repeats.append((sub, seen[ident]))
+                continue
+            seen[ident] = full
+            keep.append(d)
+        dirnames[:] = keep
         for f in filenames:
             if not f.startswith("."):
                 out.append(f if rel == "." else os.path.join(rel, f))
-    return sorted(out)
+    return sorted(out), sorted(repeats)
 
 
 # ----------------------------------------------------------------------------- array sources

@@ -256,3 +256,15 @@ def test_unreachable_ray_address_fails_fast_and_leaves_nothing(tmp_path, good):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_index_says_whether_a_build_began_there(tmp_path, capsys):
+    from pipeline.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["verify", str(empty)]) == 2
+    assert "not a shard directory: `pipeline shard SOURCE DIR` makes one" in capsys.readouterr().err
+    (empty / ".shard-plan.json").write_text("{}")  # what a build writes first
+    assert main(["verify", str(empty)]) == 2
+    assert "the build has not finished: rerun `pipeline shard` to resume" in capsys.readouterr().err

@@ -64,7 +64,8 @@ class ShardConfig:
         if self.samples_per_shard < 1:
             raise ValueError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
         if self.shard_size < 1:
-            raise ValueError(f"--shard-size must be positive, got {self.shard_size}")
+            raise ValueError(f"--shard-size must be at least 1 byte, got {self.shard_size} (sizes are bytes: "
+                             "256MB, 1GiB)")
         if self.resize_short is not None and self.resize_short < 1:
             raise ValueError(f"--resize-short must be >= 1, got {self.resize_short}")
         if not 1 <= self.quality <= 100:

@@ -56,7 +56,10 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except FileNotFoundError:
-        hint = " (the build has not finished: rerun `pipeline shard` to resume)" if Path(shard_dir).is_dir() else ""
+        started = Path(shard_dir, ".shard-plan.json").is_file()  # build.PLAN_FILE: a build began here
+        hint = (" (the build has not finished: rerun `pipeline shard` to resume)" if started
+                else " (not a shard directory: `pipeline shard SOURCE DIR` makes one)" if Path(shard_dir).is_dir()
+                else "")
         raise UserError(f"no {MANIFEST} in {shard_dir}{hint}") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None

@@ -1,4 +1,5 @@
-"""Atomic file writes (a reader sees the old file or the new one, never half of one), and URIs told from paths."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one), output directories
+checked before any work, and URIs told from paths."""
 
 from __future__ import annotations
 
@@ -7,10 +8,27 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from pipeline.errors import UserError
+
 
 def is_uri(location: str | Path) -> bool:
     """True for a URI (``s3://``, ``gs://``, ``sqlite:///``, ``file://``...), False for a plain path."""
     return "://" in str(location)
+
+
+def make_writable_dir(path: str | Path, name: str) -> Path:
+    """Create directory ``path`` (and its parents) unless it exists, and check it can be written to; a
+    ``UserError`` naming it as ``name`` (``OUT_DIR``, ``run.storage_path``) otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{name} {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {name} {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{name} {path} is not writable")
+    return path
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:

@@ -146,7 +146,7 @@ def test_the_cluster_scripts_follow_the_same_temp_dir_rule(tmp_path):
 
 @pytest.mark.parametrize("override, needle", [
     ("scaling.use_gpu=true", "the job needs 2 GPU(s) (2 worker(s) × 1), this machine has 0"),
-    ("run.storage_path={blocker}/results", "run.storage_path: cannot create"),
+    ("run.storage_path={blocker}/results", "cannot create run.storage_path"),
 ])
 def test_a_job_this_machine_cannot_run_is_one_error_before_ray_starts(shard_dir, tmp_path, override, needle):
     import sys

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipeline.errors import UserError
+from pipeline.fileio import make_writable_dir
 from pipeline.progress import Progress
 from pipeline.shard.config import ShardConfig
 from pipeline.shard.executors import connect, run_tasks
@@ -94,14 +95,7 @@ def build(config: ShardConfig, *, log: TextIO | None = None) -> BuildReport:
 
 def _prepare_out_dir(out_dir: Path, fp: str, listing: Listing, options: dict[str, Any]) -> None:
     """Create OUT_DIR, refuse to mix builds, and drop temporaries of a killed run."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"OUT_DIR {out_dir} exists and is not a directory")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create OUT_DIR {out_dir}: {exc.strerror or exc}") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise UserError(f"OUT_DIR {out_dir} is not writable")
+    make_writable_dir(out_dir, "OUT_DIR")
     plan_path = out_dir / PLAN_FILE
     wanted = {"fingerprint": fp, "source": str(listing.path), "format": listing.format,
               "classes": list(listing.classes), "options": options}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.fileio import is_uri
+from pipeline.fileio import is_uri, make_writable_dir
 from pipeline.train.config import MLFLOW_MODEL_SCHEMES, TrainConfig
 
 
@@ -89,17 +89,6 @@ def _check_local_gpus(cfg: TrainConfig) -> None:
         raise UserError(f"scaling.use_gpu: the job needs {need:g} GPU(s) ({workers} worker(s) × "
                         f"{cfg.scaling.gpus_per_worker:g}), this machine has {have}: set scaling.use_gpu=false, "
                         "fewer scaling.num_workers, or submit to a cluster with GPUs (RAY_ADDRESS)")
-
-
-def _check_local_storage(storage_dir: str) -> None:
-    """``run.storage_path`` on this machine must be a directory it can create and write, before Ray starts."""
-    path = Path(storage_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"run.storage_path: cannot create {path}: {exc.strerror or exc}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"run.storage_path: cannot write to {path}")
 
 
 # Unix socket paths hold at most 107 bytes on Linux. Ray puts its sockets under its temp dir, the longest at
@@ -297,7 +286,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
         "run_tags": dict(run_tags or {}),
     }
     if local_storage:
-        _check_local_storage(storage_dir)
+        make_writable_dir(storage_dir, "run.storage_path")  # here, before Ray starts
     if local_storage and not stop_requests:
         clear_stop(storage_dir)  # a request left by the previous submission is not for this one
     ensure_ray(cfg, verbose)

@@ -223,3 +223,91 @@ def test_nvjpeg_buffers_per_pipeline_stay_at_nvidias_total_as_threads_grow() -> 
         for key in pad:
             assert 4 * nvidia_4[key] - threads <= threads * pad[key] <= 4 * nvidia_4[key]  # the 4-thread total
     assert nvjpeg_padding(256) == {"device_memory_padding": 16 << 20, "host_memory_padding": 8 << 20}  # DALI's
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_train_split_read_for_evaluation_counts_each_sample_once_unaugmented(label_shards: Path,
+                                                                                backend: str) -> None:
+    # `data.val_split: train` and `pipeline evaluate --split train` read the train split as val is read.
+    world_size, batch = 3, 4
+    seen: collections.Counter = collections.Counter()
+    for rank in range(world_size):
+        loader = _loader(label_shards, "train", backend, batch_size=batch, rank=rank, world_size=world_size,
+                         preset="imagenet", train=False)
+        images, labels, keys = _epoch(loader)
+        seen.update(k for k, lab in zip(keys, labels) if lab >= 0)
+        again = _epoch(_loader(label_shards, "train", backend, batch_size=batch, rank=rank,
+                               world_size=world_size, preset="imagenet", train=False))
+        assert again[2] == keys and all(torch.equal(a, b) for a, b in zip(again[0], images))  # no random crop
+    assert seen == _split_keys(label_shards, "train")
+
+
+def _photo_shards(root: Path, tagged: int) -> Path:
+    """One real photograph, 24 times over two classes (the same pixels in every sample), the first ``tagged``
+    with an EXIF orientation tag (rotate 90°) that the build keeps: it copies valid RGB JPEGs byte for byte."""
+    from PIL import Image
+
+    from benchmarks.images import photo_paths
+
+    photo = Image.open(photo_paths()[0]).convert("RGB").resize((160, 120))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for i in range(24):
+        folder = root / "src" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        photo.save(folder / f"img_{i:02d}.jpg", quality=92, **({"exif": exif} if i < tagged else {}))
+    out = root / "shards"
+    assert main(["shard", str(root / "src"), str(out), "--val-fraction", "0.5", "--samples-per-shard", "6",
+                 "--workers", "1", "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _photo_shards(tmp_path_factory.mktemp("photos"), tagged=0)
+
+
+@pytest.fixture(scope="module")
+def tagged_photo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _photo_shards(tmp_path_factory.mktemp("tagged"), tagged=8)
+
+
+def test_dali_ranks_draw_their_own_crops_and_flips(photo_shards: Path) -> None:
+    # Every sample has the same pixels: with one seed for all ranks, rank 0 and rank 1 gave identical batches.
+    batches = [_epoch(_loader(photo_shards, "train", "dali", batch_size=6, rank=rank, world_size=2,
+                              preset="imagenet", seed=1))[0] for rank in (0, 1)]
+    assert not all(torch.equal(a, b) for a, b in zip(*batches))
+
+
+def test_dali_and_torch_ignore_exif_orientation_alike(tagged_photo_shards: Path) -> None:
+    out = {backend: torch.cat(_epoch(_loader(tagged_photo_shards, "val", backend, batch_size=4, preset="imagenet"))[0])
+           for backend in ("dali", "torch")}
+    for images in out.values():  # the same pixels in every sample: tagged ones come out as the others do
+        assert (images - images[0]).abs().max().item() < 1e-3
+    diff = (out["dali"] - out["torch"]).abs().mean().item()
+    assert diff < 0.1  # resampling differences only; a rotated image would differ by about 1 (normalised units)
+
+
+def test_torch_loader_resumed_twice_with_other_worker_counts_reads_each_sample_once(label_shards: Path) -> None:
+    # The worker count follows the node's cores per rank, so it can change between restarts of one epoch.
+    def loader(workers: int):
+        return _loader(label_shards, "train", "torch", batch_size=2, num_workers=workers, seed=5)
+
+    reference = _epoch(loader(2))[2]
+    first, keys = loader(2), []
+    for i, (_, _, k) in enumerate(first):
+        keys += k
+        if i == 2:
+            state = first.state_dict()
+            break
+    second = loader(3)
+    second.load_state_dict(state)
+    for i, (_, _, k) in enumerate(second):
+        keys += k
+        if i == 2:
+            state = second.state_dict()
+            break
+    third = loader(3)
+    third.load_state_dict(state)
+    keys += _epoch(third)[2]
+    assert keys == reference

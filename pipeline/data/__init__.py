@@ -39,7 +39,7 @@ class LoaderOptions:
 
 def make_loader(shard_dir: str | Path, split: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
                 backend: str = "auto", device: str = "auto", preset: str | None = None,
-                seed: int = 0, threads: int | None = None) -> LoaderBase:
+                seed: int = 0, threads: int | None = None, train: bool | None = None) -> LoaderBase:
     """Batches of ``split`` from the shards in ``shard_dir`` for one rank of ``world_size``.
 
     Returns an iterable of ``(images, labels)``: images NCHW, normalized, float32
@@ -54,16 +54,18 @@ def make_loader(shard_dir: str | Path, split: str, *, batch_size: int, rank: int
     ``PRESETS``. Attributes: ``num_samples``, ``padding``, ``backend``, ``preset``,
     ``num_classes``, ``classes``, ``coverage`` (what the rank read in its current or last pass over the
     loader: ``pipeline.data.coverage``). ``threads``: DALI threads / torch DataLoader workers
-    (None: this process's cores divided among the ranks on this node).
+    (None: this process's cores divided among the ranks on this node). ``train``: read as training data
+    (augment, shuffle, pad with repeats) or as evaluation data; None: training data for the train split only,
+    so evaluating the train split (``train=False``) reads it as val is read.
     """
     return build_loader(shard_dir, split, batch_size=batch_size, rank=rank, world_size=world_size,
-                        backend=backend, device=device, preset=preset, seed=seed,
+                        backend=backend, device=device, preset=preset, seed=seed, train=train,
                         options=LoaderOptions(num_threads=threads, num_workers=threads))
 
 
 def build_loader(shard_dir: str | Path, split: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  backend: str = "auto", device: str = "auto", preset: str | None = None, seed: int = 0,
-                 options: LoaderOptions = LoaderOptions()) -> LoaderBase:
+                 train: bool | None = None, options: LoaderOptions = LoaderOptions()) -> LoaderBase:
     """``make_loader`` with ``options`` (threads, workers, keys)."""
     from pipeline.shard.manifest import read_manifest
 
@@ -77,7 +79,7 @@ def build_loader(shard_dir: str | Path, split: str, *, batch_size: int, rank: in
     spec = get_preset(preset or manifest.get("preset", ""))
     device = _resolve_device(device)
     backend = _resolve_backend(backend)
-    common = dict(train=split == "train", device=device, seed=seed, classes=manifest["classes"],
+    common = dict(train=split == "train" if train is None else train, device=device, seed=seed, classes=manifest["classes"],
                   with_keys=options.with_keys)
     cores = _cores_per_rank()
     if backend == "dali":

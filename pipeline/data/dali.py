@@ -59,8 +59,11 @@ class DaliLoader(LoaderBase):
     def _backend_state(self) -> dict[str, Any]:
         # The pipeline checkpoint holds the reader's position and every random operator's state;
         # before the first and after the last batch, (epoch, batches) says it all.
-        if self._it is None or not 0 < self.position < self.plan.batches:
+        if not 0 < self.position < self.plan.batches:
             return {}
+        if self._it is None:  # its pipeline is gone with the iteration: the position cannot be resumed exactly
+            raise RuntimeError("a DALI loader's position inside an epoch is kept only while the epoch is iterated: "
+                               "take state_dict() inside the loop")
         return {"dali": self._it.checkpoints()[0]}
 
     def _build(self, checkpoint: str | None = None) -> Any:
@@ -80,7 +83,8 @@ class DaliLoader(LoaderBase):
             batch_size=self.plan.batch_size,
             num_threads=self.num_threads,
             device_id=device_id,
-            seed=epoch_seed(self.seed, self.epoch),
+            # The rank too: with one seed every rank would draw the same crops and flips in the same order.
+            seed=epoch_seed(self.seed, self.epoch, self.plan.rank),
             checkpoint=checkpoint,
         )
         outputs = ["images", "labels", "keys"]
@@ -211,12 +215,14 @@ def dali_pipeline(*, paths: list[str], index_paths: list[str], preset: Preset, t
         crop_args: dict[str, Any] = {}
         if train and preset.train_augment == "random_resized_crop":
             # ROI decode: only the crop window's blocks are decoded.
+            # EXIF orientation is ignored, as by Pillow (the torch fallback) and torchvision's ImageNet recipe.
             images = fn.decoders.image_random_crop(
-                encoded, device=decoder, output_type=out_type, random_area=list(preset.scale),
-                random_aspect_ratio=list(preset.ratio), num_attempts=10, **gpu_args)
+                encoded, device=decoder, output_type=out_type, adjust_orientation=False,
+                random_area=list(preset.scale), random_aspect_ratio=list(preset.ratio), num_attempts=10, **gpu_args)
             images = fn.resize(images, resize_x=size, resize_y=size)
         else:
-            images = fn.decoders.image(encoded, device=decoder, output_type=out_type, **gpu_args)
+            images = fn.decoders.image(encoded, device=decoder, output_type=out_type, adjust_orientation=False,
+                                       **gpu_args)
             if preset.val_resize == size:
                 images = fn.resize(images, resize_x=size, resize_y=size)
             else:
@@ -227,8 +233,11 @@ def dali_pipeline(*, paths: list[str], index_paths: list[str], preset: Preset, t
                 # the normalize step then cuts a random size x size window out of it.
                 padded = size + 2 * preset.pad
                 images = fn.crop(images, crop=(padded, padded), out_of_bounds_policy="pad", fill_values=0)
-                crop_args = {"crop": (size, size), "crop_pos_x": fn.random.uniform(range=(0.0, 1.0)),
-                             "crop_pos_y": fn.random.uniform(range=(0.0, 1.0))}
+                # Whole-pixel offsets 0..2*pad, each as likely (a continuous position, rounded, would
+                # draw the two edge offsets half as often), as torchvision's RandomCrop does.
+                offsets = [i / (2 * preset.pad) for i in range(2 * preset.pad + 1)]
+                crop_args = {"crop": (size, size), "crop_pos_x": fn.random.uniform(values=offsets),
+                             "crop_pos_y": fn.random.uniform(values=offsets)}
         mirror = fn.random.coin_flip(probability=0.5) if train and preset.flip else 0
         images = fn.crop_mirror_normalize(
             images, dtype=types.FLOAT16 if gpu else types.FLOAT, output_layout="CHW",

@@ -89,9 +89,11 @@ def batches_per_rank(num_samples: int, world_size: int, batch_size: int) -> int:
     return math.ceil(math.ceil(num_samples / world_size) / batch_size)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Seed of one epoch, a function of (seed, epoch) only; fits DALI's int32 seed argument."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
+def epoch_seed(seed: int, epoch: int, rank: int | None = None) -> int:
+    """Seed of one epoch, a function of (seed, epoch) only, or of (seed, epoch, rank) for what each rank
+    draws for itself (augmentation); fits DALI's int32 seed argument."""
+    entropy = [seed, epoch] if rank is None else [seed, epoch, rank]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def epoch_shards(plan: SplitPlan, *, shuffle: bool, seed: int, epoch: int) -> list[Shard]:

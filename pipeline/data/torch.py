@@ -195,14 +195,17 @@ class TorchLoader(LoaderBase):
         self.device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
         # More workers than batches would leave some idle with nothing to yield.
         self.num_workers = min(num_workers, plan.batches)
+        self._epoch_workers: int | None = None  # the workers the epoch in progress runs with
 
     def _backend_state(self) -> dict[str, Any]:
-        return {"num_workers": self.num_workers}  # the worker split fixes each worker's shuffle
+        # The worker split fixes each worker's shuffle: the count this epoch runs with, which is the saved
+        # one when the epoch was resumed (the configured count may have changed since).
+        return {"num_workers": self._epoch_workers or self.num_workers}
 
     def __iter__(self) -> Iterator[tuple]:
         gpu = self.device.type == "cuda"
         first, resume = self._take_resume()
-        workers = int(resume.get("num_workers", self.num_workers))
+        workers = self._epoch_workers = int(resume.get("num_workers", self.num_workers))
         stream = _RankStream(self.plan, self._preset_def, train=self.train, seed=self.seed, epoch=self.epoch,
                              normalize_in_worker=not gpu, with_keys=self.with_keys,
                              **_resume_split(first, self.plan.batches, max(workers, 1)))

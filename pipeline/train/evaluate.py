@@ -128,7 +128,8 @@ def evaluate_model(model_ref: str, shards: str | Path, split: str = "val", *, ba
     # overridden the shard set's); MLflow models carry no meta and use the shard set's preset.
     trained = _trained_meta(model_ref)
     preset = trained.get("preset")
-    loader = make_loader(shards, split, batch_size=batch_size, backend=backend, device=device, preset=preset)
+    loader = make_loader(shards, split, batch_size=batch_size, backend=backend, device=device, preset=preset,
+                         train=False)  # the train split too: in order, no augmentation, each sample once
     channels, size, _ = get_preset(loader.preset).output_shape()
     model = load_for_eval(model_ref, loader.num_classes, channels, size)
     dev = torch.device("cuda" if torch.cuda.is_available() and device != "cpu" else "cpu")

@@ -310,3 +310,27 @@ def test_a_failing_job_leaves_its_run_failed(shards, tmp_path, ray_local):
     run = _run(f"sqlite:///{tmp_path}/mlruns.db", "failing")
     assert run.info.status == "FAILED"
     assert run.data.tags.get("pipeline.end_reason")
+
+
+def test_a_storage_uri_stays_a_uri_and_the_best_checkpoint_is_kept_there(tmp_path):
+    from pipeline.train.config import load_config
+    from pipeline.train.launch import resolve_paths
+    from pipeline.train.state import keep_best, local_best
+
+    # A Path would fold "s3://bucket/runs" into "s3:/bucket/runs", a local folder on every node.
+    cfg = load_config("fashion_mnist", ["run.storage_path=s3://bucket/runs"])
+    assert resolve_paths(cfg).run.storage_path == "s3://bucket/runs"
+    assert resolve_paths(load_config("fashion_mnist", ["run.storage_path=rr"]), tmp_path).run.storage_path == \
+        str(tmp_path / "rr")
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "state.pt").write_bytes(b"weights")
+    (checkpoint / "meta.json").write_text("{}")
+    job = (tmp_path / "job").as_uri()  # file://: pyarrow's file system, as for s3://
+    with local_best(job) as best:
+        assert best is None
+    keep_best(checkpoint, job)
+    assert (tmp_path / "job" / "best_checkpoint" / "state.pt").read_bytes() == b"weights"
+    with local_best(job) as best:
+        assert best != tmp_path / "job" / "best_checkpoint"  # a download
+        assert (best / "state.pt").read_bytes() == b"weights" and (best / "meta.json").is_file()

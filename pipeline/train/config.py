@@ -176,7 +176,9 @@ class ScalingSection:
 @dataclasses.dataclass(frozen=True)
 class RunSection:
     name: str | None = None  # same name + storage path = same job: a restart resumes it
-    storage_path: Path = Path("ray_results")  # checkpoints and Ray results; shared storage on a cluster
+    # Checkpoints and Ray results; shared storage on a cluster: a path, or a URI such as s3://bucket/runs
+    # (a string: a Path would fold the "//" and turn the URI into a local folder named "s3:").
+    storage_path: str = "ray_results"
     checkpoints_to_keep: int = 2
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
     keep_best_by: Literal["val_top1", "val_loss"] = "val_top1"

@@ -46,7 +46,7 @@ def resolve_paths(cfg: TrainConfig, cwd: Path | None = None) -> TrainConfig:
         storage = str((cwd / Path(storage).expanduser()).resolve())
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, shards=shards),
-        run=dataclasses.replace(cfg.run, storage_path=Path(storage)),
+        run=dataclasses.replace(cfg.run, storage_path=storage),
     )
 
 

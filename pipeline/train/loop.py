@@ -30,7 +30,7 @@ from pipeline.train.coverage import log_coverage
 from pipeline.train.models import build_model, head_name, load_backbone
 from pipeline.train.preempt import Control
 from pipeline.train.resume import log_missed_epoch, resume_checkpoint
-from pipeline.train.state import RunState, best_dir, keep_best, load_rank_file
+from pipeline.train.state import RunState, keep_best, load_rank_file, local_best
 from pipeline.train.step import (TrainStep, WarmupCosine, augment, build_optimizer, loader_device, param_groups,
                                  precision_context, setup_torch)
 
@@ -165,7 +165,7 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
                      device=loader_device(cfg.data.device, device), preset=cfg.data.preset, seed=cfg.train.seed,
                      threads=layout.loader_threads)
     train_loader = make_loader(shards, "train", batch_size=cfg.train.batch_size, **loader_kw)
-    val_loader = make_loader(shards, cfg.data.val_split, batch_size=cfg.train.batch_size, **loader_kw)
+    val_loader = make_loader(shards, cfg.data.val_split, batch_size=cfg.train.batch_size, train=False, **loader_kw)
     in_channels, image_size, _ = get_preset(train_loader.preset).output_shape()
 
     model = build_model(cfg.model.name, train_loader.num_classes, in_channels, image_size, cfg.model.dropout,
@@ -182,6 +182,12 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             saved, rank_saved = load_state(d), load_rank_file(d, rank)
+            best = saved.get("best", {})
+            if (is_main and best.get("value") is not None and best.get("epoch") == saved["epoch"]
+                    and saved["step_in_epoch"] == 0):
+                # Resuming right after the best epoch's checkpoint: a fault may have come before its copy
+                # (``_end_epoch``), and no later epoch would make it again, so copy it (again) now.
+                keep_best(d, loop_config["run_key"])
         model.load_state_dict(saved["model"])
     elif cfg.train.init_from:
         replaced = _init_weights(model, cfg.train.init_from, loop_config.get("tracking_uri"))
@@ -235,6 +241,8 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
         _say(w, f"epoch {state.epoch + 1} restarts from its first batch ({why}); its first "
                 f"{state.step_in_epoch} steps are trained again under new step numbers")
         state.restart_epoch()
+        if step.schedule is not None:  # its steps are trained again, and so is its stretch of the lr schedule
+            step.schedule.step_num = state.epoch * steps_per_epoch
     where = ("starting" if saved is None else f"resuming at epoch {state.epoch + 1} step {state.step_in_epoch}"
              if state.step_in_epoch else f"resuming after epoch {state.epoch}")
     _say(w, f"{cfg.run.name}: {where}; {world} worker(s) × batch {cfg.train.batch_size}, {steps_per_epoch} "
@@ -361,9 +369,9 @@ def _finish(w: _Worker, val: dict[str, Any]) -> None:
         val = _validate(w)
         ray.train.report({"epoch": w.state.epoch, **{k: val[k] for k in VAL_METRICS}})
     if w.is_main and w.cfg.tracking.enabled:
-        best = best_dir(w.storage_dir)
-        if best.is_dir():
-            w.tracker.log_artifacts(best, "best_checkpoint")
+        with local_best(w.storage_dir) as best:
+            if best is not None:
+                w.tracker.log_artifacts(best, "best_checkpoint")
         _log_final(w.tracker, w.step.eval_model, w.meta, val["confusion"], w.cfg)
         w.tracker.end("FINISHED")
 

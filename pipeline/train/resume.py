@@ -47,7 +47,9 @@ def resume_checkpoint(storage_dir: str, registered=None):
     if group:
         dist.broadcast_object_list(chosen, src=0)
     if chosen[0] is None:
-        return None
+        # Nothing on storage passed the completeness check (a storage hiccup can fail it): Ray's own
+        # checkpoint, registered once every rank had reported it, beats training again from scratch.
+        return registered
     if registered is not None and chosen[0] == registered.path:
         return registered
     fs, _ = _filesystem(storage_dir)

@@ -22,14 +22,16 @@ epoch's first part are seen twice, never silently.
 
 from __future__ import annotations
 
+import contextlib
 import random
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from pipeline.fileio import write_atomic
+from pipeline.fileio import is_uri, write_atomic
 from pipeline.train.checkpoint import META_FILE, STATE_FILE, save_checkpoint, unwrap
 
 RANK_FILE = "rank-{rank}.pt"
@@ -199,21 +201,50 @@ def load_rank_file(directory: str | Path, rank: int) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
-def best_dir(storage_dir: str | Path) -> Path:
-    """Where rank 0 keeps a copy of the best epoch checkpoint until the job ends."""
-    return Path(storage_dir) / "best_checkpoint"
+def best_dir(storage_dir: str | Path) -> str:
+    """Where rank 0 keeps a copy of the best epoch checkpoint until the job ends (a path or a URI)."""
+    return f"{str(storage_dir).rstrip('/')}/best_checkpoint"
 
 
 def keep_best(checkpoint_dir: str | Path, storage_dir: str | Path) -> None:
     """Copy rank 0's files of an epoch checkpoint beside the job's checkpoints, replacing the last best.
 
-    A local copy on the step path instead of an MLflow upload: the job uploads it once, at its end.
+    A copy on the job's storage instead of an MLflow upload: the job uploads it once, at its end. On a URI
+    (``s3://``…) through pyarrow's file system for it, as Ray Train writes the checkpoints themselves.
     """
     target = best_dir(storage_dir)
-    target.mkdir(parents=True, exist_ok=True)
-    for name in (STATE_FILE, META_FILE):
-        src = Path(checkpoint_dir) / name
-        write_atomic(target / name, lambda f, src=src: f.write(src.read_bytes()))
+    if not is_uri(target):
+        Path(target).mkdir(parents=True, exist_ok=True)
+        for name in (STATE_FILE, META_FILE):
+            src = Path(checkpoint_dir) / name
+            write_atomic(Path(target) / name, lambda f, src=src: f.write(src.read_bytes()))
+        return
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(target)
+    fs.create_dir(root, recursive=True)
+    for name in (STATE_FILE, META_FILE):  # an object store writes each object whole
+        with fs.open_output_stream(f"{root}/{name}") as out:
+            out.write((Path(checkpoint_dir) / name).read_bytes())
 
 
-__all__ = ["RANK_FILE", "RunState", "best_dir", "keep_best", "load_rank_file", "rng_state", "set_rng_state"]
+@contextlib.contextmanager
+def local_best(storage_dir: str | Path) -> Iterator[Path | None]:
+    """The kept best checkpoint as a local directory (downloaded for the block from a URI), or None."""
+    target = best_dir(storage_dir)
+    if not is_uri(target):
+        yield Path(target) if Path(target).is_dir() else None
+        return
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(target)
+    if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="best-") as local:
+        pyarrow.fs.copy_files(root, local, source_filesystem=fs)
+        yield Path(local)
+
+
+__all__ = ["RANK_FILE", "RunState", "best_dir", "keep_best", "load_rank_file", "local_best", "rng_state",
+           "set_rng_state"]

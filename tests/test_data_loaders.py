@@ -293,20 +293,18 @@ def test_torch_loader_resumed_twice_with_other_worker_counts_reads_each_sample_o
     def loader(workers: int):
         return _loader(label_shards, "train", "torch", batch_size=2, num_workers=workers, seed=5)
 
+    def three_batches(reader, state, keys):  # then stop, as a killed job does after its last checkpoint
+        if state is not None:
+            reader.load_state_dict(state)
+        for i, (_, _, k) in enumerate(reader):
+            keys += k
+            if i == 2:
+                return reader.state_dict()
+
     reference = _epoch(loader(2))[2]
-    first, keys = loader(2), []
-    for i, (_, _, k) in enumerate(first):
-        keys += k
-        if i == 2:
-            state = first.state_dict()
-            break
-    second = loader(3)
-    second.load_state_dict(state)
-    for i, (_, _, k) in enumerate(second):
-        keys += k
-        if i == 2:
-            state = second.state_dict()
-            break
+    keys: list[str] = []
+    state = three_batches(loader(2), None, keys)
+    state = three_batches(loader(3), state, keys)
     third = loader(3)
     third.load_state_dict(state)
     keys += _epoch(third)[2]

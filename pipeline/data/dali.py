@@ -59,11 +59,10 @@ class DaliLoader(LoaderBase):
     def _backend_state(self) -> dict[str, Any]:
         # The pipeline checkpoint holds the reader's position and every random operator's state;
         # before the first and after the last batch, (epoch, batches) says it all.
-        if not 0 < self.position < self.plan.batches:
+        # An epoch left mid-way (``train.max_steps_per_epoch``) has no pipeline left to checkpoint: its
+        # position is not one to resume from, and the loop never does (the epoch ended there).
+        if self._it is None or not 0 < self.position < self.plan.batches:
             return {}
-        if self._it is None:  # its pipeline is gone with the iteration: the position cannot be resumed exactly
-            raise RuntimeError("a DALI loader's position inside an epoch is kept only while the epoch is iterated: "
-                               "take state_dict() inside the loop")
         return {"dali": self._it.checkpoints()[0]}
 
     def _build(self, checkpoint: str | None = None) -> Any:

@@ -6,10 +6,19 @@ is one line too (``ArgumentParser``).
 """
 
 import argparse
+import re
+
+# Terminal colour codes, which Ray and torch put in some of their error texts.
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class UserError(ValueError):
     """Bad input from the user: a path, an option, a config value, a corrupt dataset."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s text (stripped), or its type's name when it has none."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 class ArgumentParser(argparse.ArgumentParser):

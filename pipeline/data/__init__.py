@@ -79,7 +79,8 @@ def build_loader(shard_dir: str | Path, split: str, *, batch_size: int, rank: in
     spec = get_preset(preset or manifest.get("preset", ""))
     device = _resolve_device(device)
     backend = _resolve_backend(backend)
-    common = dict(train=split == "train" if train is None else train, device=device, seed=seed, classes=manifest["classes"],
+    common = dict(train=split == "train" if train is None else train, device=device, seed=seed,
+                  classes=manifest["classes"],
                   with_keys=options.with_keys)
     cores = _cores_per_rank()
     if backend == "dali":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import ANSI_COLOUR, UserError, first_line
 from pipeline.fileio import write_atomic
 
 STATE_FILE = "state.pt"
@@ -119,7 +118,7 @@ def _load_failure(exc: BaseException) -> str:
     if "weights_only" in text or "Weights only" in text:
         detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
         detail = next((line.strip() for line in detail.splitlines() if line.strip()), "")
-        detail = re.sub(r"\x1b\[[0-9;]*m", "", detail).split(". ", 1)[0].rstrip(".")
+        detail = ANSI_COLOUR.sub("", detail).split(". ", 1)[0].rstrip(".")
         if "weights_only" in detail:
             detail = ""
         return ("not a tensors-only PyTorch file, which is all a checkpoint is loaded as"
@@ -138,8 +137,7 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # ValueError: bad JSON, not UTF-8
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot read {p}: {first}") from None
+        raise UserError(f"cannot read {p}: {first_line(exc)}") from None
     if not isinstance(meta, dict):
         raise UserError(f"cannot read {p}: a JSON object of the model's name, classes and input shape expected, "
                         f"not a JSON {_json_kind(meta)}; was it written by pipeline train?")
@@ -176,9 +174,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         model = build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
                             meta.get("dropout", 0.0), meta.get("width"))
     except (TypeError, ValueError, RuntimeError) as exc:  # UserError too: an unknown model name
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise UserError(f"checkpoint {path}: its {META_FILE} does not describe a model pipeline train builds "
-                        f"({described}): {first}") from None
+                        f"({described}): {first_line(exc)}") from None
     state = load_state(path, map_location)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserError(f"checkpoint {path}: its {STATE_FILE} holds no model weights: "

@@ -31,8 +31,8 @@ from pipeline.train.models import build_model, head_name, load_backbone
 from pipeline.train.preempt import Control
 from pipeline.train.resume import log_missed_epoch, resume_checkpoint
 from pipeline.train.state import RunState, keep_best, load_rank_file, local_best
-from pipeline.train.step import (TrainStep, WarmupCosine, augment, build_optimizer, loader_device, param_groups,
-                                 precision_context, setup_torch)
+from pipeline.train.step import (TrainStep, WarmupCosine, augment, batch_to, build_optimizer, loader_device,
+                                 param_groups, precision_context, setup_torch)
 
 VAL_METRICS = ("val_loss", "val_top1", "val_top5")  # an epoch's figures when it validates (train.val_every_epochs)
 
@@ -63,10 +63,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, num_class
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     cells = num_classes * num_classes
     confusion = torch.zeros(cells + 1, dtype=torch.int64, device=device)  # + a slot for the padding
-    non_blocking = device.type == "cuda"  # host-to-GPU copies only: the host would read a GPU-to-host one too soon
     for x, y in loader:
-        x = x.to(device, dtype=in_dtype, non_blocking=non_blocking, memory_format=memory_format)
-        y = y.to(device, non_blocking=non_blocking)
+        x, y = batch_to(x, y, device, in_dtype, memory_format)
         with autocast:
             logits = model(x)
         logits = logits.float()

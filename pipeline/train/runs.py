@@ -14,7 +14,7 @@ import math
 import os
 from typing import Any
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "train_images_per_s")
 HIGHER_IS_BETTER = ("val_top1", "val_top5", "train_images_per_s")
@@ -95,7 +95,7 @@ def runs_table(tracking_uri: str, experiment: str | None, sort: str | None = Non
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy, requests: all mean "not a store to read"
-        raise UserError(f"cannot read the MLflow store at {tracking_uri}: {_first_line(exc)}") from None
+        raise UserError(f"cannot read the MLflow store at {tracking_uri}: {_first_sentence(exc)}") from None
     if not runs:
         return f"experiment {exp.name}: no runs"
     params = differing_params(runs)
@@ -131,13 +131,12 @@ SQLITE_HEADER = b"SQLite format 3\0"
 PROBE_TIMEOUT_S = 5.0
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_sentence(exc: BaseException) -> str:
     text = str(exc)
     if "MLFLOW_ALLOW_FILE_STORE" in text:  # MLflow 3's refusal of a directory (file store): one long paragraph
         return ("MLflow's file store (a directory) is in maintenance mode and refused; use a sqlite:/// or "
                 "http(s):// store, or set MLFLOW_ALLOW_FILE_STORE=true")
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return first.split(". ", 1)[0].rstrip(".") if first else type(exc).__name__  # its first sentence
+    return first_line(exc).split(". ", 1)[0].rstrip(".")  # its first sentence
 
 
 def check_store(uri: str) -> None:

@@ -154,6 +154,15 @@ def loader_device(setting: str, device: torch.device) -> str:
     return setting
 
 
+def batch_to(x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype | None,
+             memory_format: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader's batch on ``device``, images in ``dtype`` and ``memory_format``: asynchronous copies to a GPU;
+    a copy to the host is never asynchronous, since the host would read it before it lands."""
+    non_blocking = device.type == "cuda"
+    x = x.to(device, dtype=dtype, non_blocking=non_blocking, memory_format=memory_format)
+    return x, y.to(device, non_blocking=non_blocking)
+
+
 def _to_device(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A mask drawn on the CPU, copied to ``device`` without a host sync (from pinned memory on CUDA)."""
     if device.type == "cuda":
@@ -264,11 +273,8 @@ class TrainStep:
         return self.ema.module if self.ema is not None else unwrap(self.model)
 
     def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch on the step's device, in its input dtype and memory format (asynchronous copies to a GPU;
-        a copy to the host is never asynchronous, since the host would read it before it lands)."""
-        non_blocking = self.device.type == "cuda"
-        x = x.to(self.device, dtype=self.in_dtype, non_blocking=non_blocking, memory_format=self.memory_format)
-        return x, y.to(self.device, non_blocking=non_blocking)
+        """The batch on the step's device, in its input dtype and memory format (``batch_to``)."""
+        return batch_to(x, y, self.device, self.in_dtype, self.memory_format)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Train on one batch; returns the batch's mean loss, detached and still on the device (no host sync)."""
@@ -296,5 +302,5 @@ class TrainStep:
         return loss.detach()
 
 
-__all__ = ["TrainStep", "WarmupCosine", "augment", "build_optimizer", "param_groups", "precision_context",
-           "resolve_precision", "setup_torch"]
+__all__ = ["TrainStep", "WarmupCosine", "augment", "batch_to", "build_optimizer", "loader_device", "param_groups",
+           "precision_context", "resolve_precision", "setup_torch"]

@@ -16,15 +16,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
+from pipeline.errors import ANSI_COLOUR, UserError, first_line
 from pipeline.fileio import is_uri
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its task names in error texts
 PROBE_TIMEOUT_S = 180.0  # a node that cannot start a task in this time is as good as missing
 
 
@@ -81,9 +79,9 @@ def check_nodes(shards: Path, index_sha256: str, storage: str) -> int:
             problem = f"no answer within {PROBE_TIMEOUT_S:.0f} s"
         except ray.exceptions.RayError as exc:
             cause = getattr(exc, "cause", None)  # a RayTaskError's own exception: say it, not Ray's wrapper
-            text = f"{type(cause).__name__}: {cause}" if isinstance(cause, Exception) else str(exc)
-            first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
-            problem = f"check failed: {re.sub(ANSI, '', first).strip()}"
+            first = (f"{type(cause).__name__}: {first_line(cause)}" if isinstance(cause, Exception)
+                     else first_line(exc))
+            problem = f"check failed: {ANSI_COLOUR.sub('', first)}"
         if problem:
             problems.append(f"node {ip}: {problem}")
     if problems:

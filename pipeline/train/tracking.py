@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import flatten
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.fileio import is_uri
 from pipeline.train.tracking_queue import (EPOCH_METRIC, RECORDS, RUN_KEY_TAG, SPOOL_DIRNAME, STEP_METRIC, MlflowSink,
                                            Spool, TrackingQueue, epoch_family, find_run, http_env_defaults,
@@ -96,8 +96,7 @@ def load_mlflow_model(src: str, tracking_uri: str) -> nn.Module:
     try:
         return unwrap(mlflow.pytorch.load_model(src, map_location="cpu"))
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI; all mean "cannot load it"
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot load MLflow model {src}: {first}{runs_uri_hint(src)}") from None
+        raise UserError(f"cannot load MLflow model {src}: {first_line(exc)}{runs_uri_hint(src)}") from None
 
 
 def default_artifact_location(tracking_uri: str, configured: str | None, cwd: Path | None = None) -> str | None:

@@ -21,6 +21,12 @@ def first_line(exc: BaseException) -> str:
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
+def described(exc: BaseException) -> str:
+    """``Type: first line`` of ``exc``, or ``Type`` alone when its text is empty."""
+    line = first_line(exc)
+    return type(exc).__name__ if line == type(exc).__name__ else f"{type(exc).__name__}: {line}"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line, with where to read the usage, not the usage block.
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.train.config import MLFLOW_MODEL_SCHEMES
 
 
@@ -156,7 +156,7 @@ def training_run_id(client, model_ref: str) -> str:
         try:
             run_id = get_model_info(model_ref).run_id
         except Exception as exc:  # MLflow raises many types for a bad URI; all mean "not there"
-            raise UserError(f"cannot read MLflow model {model_ref}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"cannot read MLflow model {model_ref}: {first_line(exc)}") from None
         if not run_id:
             raise UserError(f"MLflow model {model_ref} names no run that logged it: nowhere to log its evaluation")
         return run_id

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, described, first_line
 from pipeline.fileio import is_uri, make_writable_dir
 from pipeline.train.config import MLFLOW_MODEL_SCHEMES, TrainConfig
 
@@ -177,7 +177,7 @@ def _check_mlflow_init_from(cfg: TrainConfig, manifest: dict[str, Any], tracking
         with _environ({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):  # a bar for one small file
             info = mlflow.models.get_model_info(src)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI; all mean "no such model"
-        raise UserError(f"--init-from {src}: no such model in {uri} ({str(exc).splitlines()[0]})"
+        raise UserError(f"--init-from {src}: no such model in {uri} ({first_line(exc)})"
                         f"{runs_uri_hint(src, cfg.model.name)}") from None
     if "pytorch" not in info.flavors:
         raise UserError(f"--init-from {src} is not a PyTorch model (flavors: {', '.join(sorted(info.flavors))})")
@@ -354,7 +354,7 @@ def _record_failure(storage_dir: str, exc: Exception) -> None:
     spool = spool_dir_for(storage_dir)
     if not read_job(spool):
         return  # tracking never started
-    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    reason = described(exc)[:500]
     Spool(spool).append([{"t": "end", "status": "FAILED", "reason": reason, "ts": int(time.time() * 1000)}])
     try:
         sync(spool)

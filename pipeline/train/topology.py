@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ANSI_COLOUR, UserError, first_line
+from pipeline.errors import ANSI_COLOUR, UserError, described, first_line
 from pipeline.fileio import is_uri
 
 PROBE_TIMEOUT_S = 180.0  # a node that cannot start a task in this time is as good as missing
@@ -79,7 +79,7 @@ def check_nodes(shards: Path, index_sha256: str, storage: str) -> int:
             problem = f"no answer within {PROBE_TIMEOUT_S:.0f} s"
         except ray.exceptions.RayError as exc:
             cause = getattr(exc, "cause", None)  # a RayTaskError's own exception: say it, not Ray's wrapper
-            first = (f"{type(cause).__name__}: {first_line(cause)}" if isinstance(cause, Exception)
+            first = (described(cause) if isinstance(cause, Exception)
                      else first_line(exc))
             problem = f"check failed: {ANSI_COLOUR.sub('', first)}"
         if problem:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +37,7 @@ def run_sync(args: argparse.Namespace) -> int:
     try:
         sent, run_id = sync(spool)
     except Exception as exc:  # the server is still unreachable or refuses: one line, the spool kept
-        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        first = first_line(exc)[:300]
         raise UserError(f"tracking sync: {unsent_records(spool)} of {before} record(s) still unsent ({first}); "
                         f"they stay in {spool}, run this again later") from None
     print(f"tracking sync: sent {sent} record(s) to MLflow run {run_id}; nothing left in {spool}")

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import described, first_line
 from pipeline.fileio import write_atomic
 
 log = logging.getLogger("pipeline.tracking")
@@ -405,7 +406,7 @@ class TrackingQueue:
             delay = self.backoff_s[0]
 
     def _failed(self, exc: Exception) -> None:
-        self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        self.last_error = described(exc)[:250]
         if self.failing_since is None and not isinstance(exc, RunNotReady):
             self.failing_since = time.monotonic()
             if self.warn:
@@ -446,7 +447,7 @@ def send_each(spool: Spool, sink: Callable[[list[dict[str, Any]]], None]) -> boo
                 return False
             spool.reject(rec, f"{type(exc).__name__}: {exc}"[:2000])
             log.warning("[pipeline] the tracking server refused a %s record (%s); kept in %s", rec.get("t"),
-                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+                        first_line(exc)[:200],
                         spool.dir / "rejected.jsonl")
         spool.mark_sent(end, 1)
     return True

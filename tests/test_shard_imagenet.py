@@ -161,6 +161,21 @@ def test_flat_val_folder_with_index_labels(built, tmp_path):
     assert {s["__key__"]: (s["cls"], s["jpg"]) for s in samples(out, "val")} == want
 
 
+@pytest.mark.parametrize("where", ["ILSVRC/Data/CLS-LOC/train/shards", "ILSVRC/Data/CLS-LOC/val/shards"])
+def test_out_dir_inside_a_kaggle_split_folder_is_not_listed(built, tmp_path, capsys, where):
+    """OUT_DIR inside train/ is never taken for a class folder, so the rerun resumes as it would anywhere."""
+    src = _kaggle_copy(built, tmp_path)
+    out = src / where
+    assert shard(src, out) == 0
+    m = read_manifest(out)
+    assert m["classes"] == built["kaggle"][2]["classes"] and not m["skipped"]
+    first = dir_bytes(out)
+    capsys.readouterr()
+    assert shard(src, out) == 0, capsys.readouterr().err
+    assert "nothing to do" in capsys.readouterr().out
+    assert dir_bytes(out) == first
+
+
 def test_more_shards_than_the_open_file_limit(tmp_path):
     """Build, verify and read 150 one-sample shards with `ulimit -n 100`: nothing holds a descriptor per shard."""
     src = tmp_path / "src"

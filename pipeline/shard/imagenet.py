@@ -50,8 +50,9 @@ def detect(path: Path) -> str | None:
     return None
 
 
-def list_imagenet(path: Path, fmt: str, *, val_labels: Path | None, class_names_file: Path | None) -> Listing:
-    """The listing of an ``imagenet-tar`` or ``imagenet-kaggle`` source."""
+def list_imagenet(path: Path, fmt: str, *, val_labels: Path | None, class_names_file: Path | None,
+                  exclude: Path | None = None) -> Listing:
+    """The listing of an ``imagenet-tar`` or ``imagenet-kaggle`` source (``exclude``: see ``list_split_tree``)."""
     if fmt == "imagenet-tar":
         return _list_tar(path, val_labels, class_names_file)
     base = path / KAGGLE_DIR
@@ -61,13 +62,19 @@ def list_imagenet(path: Path, fmt: str, *, val_labels: Path | None, class_names_
         val_labels = path / KAGGLE_VAL_LABELS
     names_file = class_names_file or _beside(path, SYNSET_MAPPING)
     return list_split_tree(path, base / "train", base / "val", fmt=fmt, val_labels=val_labels,
-                           class_names_file=names_file)
+                           class_names_file=names_file, exclude=exclude)
 
 
 def list_split_tree(root: Path, train_dir: Path, val_dir: Path, *, fmt: str, val_labels: Path | None,
-                    class_names_file: Path | None) -> Listing:
-    """``train_dir/<class>/*`` plus a flat ``val_dir`` labelled from ``val_labels`` (refs relative to root)."""
-    classes = tuple(sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith(".")))
+                    class_names_file: Path | None, exclude: Path | None = None) -> Listing:
+    """``train_dir/<class>/*`` plus a flat ``val_dir`` labelled from ``val_labels`` (refs relative to root).
+
+    ``exclude`` (the OUT_DIR) is never taken for a class folder; the val folder is read flat, so a
+    folder inside it is never listed anyway.
+    """
+    skip_dir = os.path.realpath(exclude) if exclude is not None else None
+    classes = tuple(sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith(".")
+                           and os.path.realpath(e.path) != skip_dir))
     if not classes:
         raise UserError(f"no class folders in {train_dir}")
     records: list[Record] = []

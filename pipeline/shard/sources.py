@@ -137,12 +137,13 @@ def list_source(path: Path, fmt: str = "auto", classes_file: Path | None = None,
     if val_labels is not None and fmt not in (*imagenet.FORMATS, "imagefolder"):
         raise UserError(f"--val-labels labels a flat val folder; the {fmt} source has none")
     if fmt in imagenet.FORMATS:
-        listing = imagenet.list_imagenet(path, fmt, val_labels=val_labels, class_names_file=class_names_file)
+        listing = imagenet.list_imagenet(path, fmt, val_labels=val_labels, class_names_file=class_names_file,
+                                         exclude=exclude)
     elif fmt == "imagefolder" and val_labels is not None:
         if not (path / "train").is_dir() or not (path / "val").is_dir():
             raise UserError(f"--val-labels needs {path}/train/<class>/ and a flat {path}/val/ folder")
         listing = imagenet.list_split_tree(path, path / "train", path / "val", fmt=fmt, val_labels=val_labels,
-                                           class_names_file=class_names_file)
+                                           class_names_file=class_names_file, exclude=exclude)
     elif fmt == "imagefolder":
         listing = _list_imagefolder(path, classes, exclude)
     elif fmt == "mnist-idx":

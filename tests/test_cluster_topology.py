@@ -166,3 +166,5 @@ def test_a_job_this_machine_cannot_run_is_one_error_before_ray_starts(shard_dir,
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr
     assert not proc.stdout
+    if "use_gpu" in override:
+        assert not (tmp_path / "rr").exists()  # checked before the job's directory is made

@@ -238,24 +238,60 @@ def test_malformed_index_json_is_one_line_naming_the_problem(built, tmp_path, ca
         read_manifest(out)
 
 
-def test_unreachable_ray_address_fails_fast_and_leaves_nothing(tmp_path, good):
-    """`--executor ray --ray-address HOST:PORT` with nothing listening: one line within seconds (ray.init
-    alone retries for minutes), and OUT_DIR is not created, so no stale plan refuses a later build."""
+@contextlib.contextmanager
+def _not_ray(kind: str):
+    """A loopback address where no Ray runs: ``refused`` (a bound socket that never listens) or ``http``
+    (a real HTTP server, as on a Ray dashboard port typed for the GCS one)."""
+    import http.server
     import socket
+    import threading
+
+    if kind == "refused":
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            yield f"127.0.0.1:{sock.getsockname()[1]}", "Connection refused"
+        return
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", "something else answers on port"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["refused", "http"])
+@pytest.mark.parametrize("command", ["shard", "train"])
+def test_a_ray_address_without_ray_fails_fast_and_leaves_nothing(tmp_path, good, kind, command):
+    """`pipeline shard --ray-address` / `RAY_ADDRESS=… pipeline train` where no Ray answers: one line within
+    seconds (ray.init alone retries for minutes, warning every few seconds), and nothing is created: no
+    OUT_DIR (so no stale plan refuses a later build), no run directory, no MLflow store."""
+    import os
     import time
 
-    with socket.socket() as sock:  # bound, never listening: connections to it are refused
-        sock.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    env = {**os.environ, "HOME": str(tmp_path)}
+    with _not_ray(kind) as (address, says):
+        if command == "shard":
+            args, given = ["shard", str(good), str(tmp_path / "out"), "--executor", "ray", "--ray-address",
+                           address, "--no-progress"], "--ray-address"
+        else:
+            from pipeline.cli import main
+
+            assert main(["shard", str(good), str(tmp_path / "shards"), "--val-fraction", "0.5", "--no-progress"]) == 0
+            args, given = ["train", "--set", f"data.shards={tmp_path / 'shards'}", "--set",
+                           f"run.storage_path={tmp_path / 'out'}"], "RAY_ADDRESS"
+            env["RAY_ADDRESS"] = address
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "pipeline", "shard", str(good), str(tmp_path / "out"),
-                               "--executor", "ray", "--ray-address", address, "--no-progress"],
-                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith(f"pipeline shard: error: cannot reach a Ray cluster at {address}: "), proc.stderr
+    assert proc.stderr.startswith(f"pipeline {command}: error: cannot reach a Ray cluster at {address}: {says}"), \
+        proc.stderr
+    assert f"check {given} (the head's GCS port" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert time.monotonic() - t0 < 60
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlruns.db").exists()
 
 
 def test_a_missing_index_says_whether_a_build_began_there(tmp_path, capsys):

@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator
 
 from pipeline.errors import UserError
+from pipeline.ray_address import probe
 from pipeline.ray_logging import quiet_token_notice
 from pipeline.shard.config import ShardConfig
 from pipeline.shard.plan import ShardPlan
@@ -145,9 +146,6 @@ def _run_local(plans: list[ShardPlan], config: ShardConfig) -> Iterator[ShardRes
             yield finished.get().result()  # on any exception the pool cancels the rest (_QuietPool.__exit__)
 
 
-RAY_PROBE_TIMEOUT_S = 5.0
-
-
 def connect(config: ShardConfig) -> None:
     """Join (or start) the Ray cluster ``config`` asks for; nothing for the local executor.
 
@@ -165,36 +163,12 @@ def connect(config: ShardConfig) -> None:
     # Without --ray-address: an existing cluster from RAY_ADDRESS, else a local one.
     address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        _probe(address)
+        probe(address, "--ray-address" if config.ray_address else "RAY_ADDRESS")
     quiet_token_notice()
     try:
         ray.init(address=config.ray_address, log_to_driver=False, configure_logging=False)
     except ConnectionError as exc:
         raise UserError(f"cannot connect to Ray at {address}: {exc}") from None
-
-
-def _probe(address: str) -> None:
-    """A bounded TCP connect to a ``host:port`` / ``ray://host:port`` address.
-
-    ray.init retries an unreachable GCS for minutes before it gives up; this fails in seconds.
-    Addresses without a port ("auto", "local") are left to Ray.
-    """
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
-        return
-    host = host.strip("[]")  # [::1]:6379
-    if not 0 < int(port) < 65536:
-        raise UserError(f"cannot reach a Ray cluster at {address}: port {port} is outside 1..65535")
-    try:
-        with socket.create_connection((host, int(port)), timeout=RAY_PROBE_TIMEOUT_S):
-            pass
-    except socket.timeout:
-        raise UserError(f"cannot reach a Ray cluster at {address}: no answer within {RAY_PROBE_TIMEOUT_S:g} s; "
-                        "check --ray-address (the head's GCS port, 6379 by default) or RAY_ADDRESS") from None
-    except OSError as exc:
-        raise UserError(f"cannot reach a Ray cluster at {address}: {exc.strerror or exc}; "
-                        "check --ray-address (the head's GCS port, 6379 by default) or RAY_ADDRESS") from None
 
 
 def _run_ray(plans: list[ShardPlan], config: ShardConfig, nodes: Counter) -> Iterator[ShardResult]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.errors import UserError, described, first_line
 from pipeline.fileio import is_uri, make_writable_dir
+from pipeline.ray_address import probe
 from pipeline.train.config import MLFLOW_MODEL_SCHEMES, TrainConfig
 
 
@@ -50,9 +51,19 @@ def resolve_paths(cfg: TrainConfig, cwd: Path | None = None) -> TrainConfig:
     )
 
 
+def check_ray(cfg: TrainConfig) -> None:
+    """What can be known about the Ray ``ensure_ray`` will use before anything is written: that ``RAY_ADDRESS``
+    answers as a Ray cluster (seconds, where ray.init retries for minutes), or that a local Ray would have
+    the GPUs the job needs (it would wait for them forever)."""
+    if os.environ.get("RAY_ADDRESS"):
+        probe(os.environ["RAY_ADDRESS"], "RAY_ADDRESS")
+    else:
+        _check_local_gpus(cfg)
+
+
 def ensure_ray(cfg: TrainConfig, verbose: bool = False) -> None:
     """Connect to the cluster of ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a Ray of this process's
-    own with the cores the config's workers need; nothing when Ray is already up."""
+    own with the cores the config's workers need; nothing when Ray is already up. ``check_ray`` first."""
     import ray
 
     from pipeline.train.console import ray_init_options
@@ -66,7 +77,6 @@ def ensure_ray(cfg: TrainConfig, verbose: bool = False) -> None:
         ray.init(log_to_driver=True, **options)  # the cluster of `ray job submit` or an explicit RAY_ADDRESS
         return
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    _check_local_gpus(cfg)
     temp_dir = local_ray_temp_dir()
     if temp_dir:
         options["_temp_dir"] = temp_dir
@@ -250,6 +260,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     ``stop_requests``: a stop request already in the job's directory is for this job (a sweep's driver
     cleared old ones before its trials started, and writes new ones on a signal), not one to remove.
     """
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -268,6 +279,8 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     # A missing or partial shard set, or weights that cannot fit, is a user error before any worker starts.
     manifest = read_manifest(cfg.data.shards)
     _check_init_from(cfg, manifest)
+    if not ray.is_initialized():
+        check_ray(cfg)
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
     artifact_location = (default_artifact_location(tracking_uri, cfg.tracking.artifact_location)
                          if tracking_uri else None)

@@ -388,9 +388,10 @@ def _default_concurrency(cfg) -> int:
 def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool = False) -> int:
     """Validate, run every trial, log the table and plot to the parent, print the summary; 1 if any trial failed."""
     import mlflow
+    import ray
 
     from pipeline.fileio import is_uri
-    from pipeline.train.launch import _create_sqlite_store, _environ, ensure_ray, resolve_paths
+    from pipeline.train.launch import _create_sqlite_store, _environ, check_ray, ensure_ray, resolve_paths
     from pipeline.train.preempt import clear_stop, exit_code, stop_on_signals
     from pipeline.train.ray_output import quiet_ray_output
     from pipeline.train.runs import format_table
@@ -403,6 +404,8 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
 
     ints = frozenset(k for k, v in flatten(base.to_dict()).items() if isinstance(v, int) and not isinstance(v, bool))
     points = sweep.points(ints)
+    if not ray.is_initialized():
+        check_ray(base)  # before the store and the parent run are made
     tracking_uri = resolve_tracking_uri(base.tracking.tracking_uri)
     fixed = (f"data.shards={base.data.shards}", f"run.storage_path={base.run.storage_path}",
              f"tracking.tracking_uri={tracking_uri}")

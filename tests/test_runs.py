@@ -114,3 +114,53 @@ def test_runs_says_at_once_when_no_server_answers(capsys):
     assert time.monotonic() - start < 30
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"pipeline runs: error: cannot reach the MLflow server at {uri}: "), err
+
+
+@pytest.mark.timeout(90)
+def test_runs_says_in_seconds_when_the_server_answers_health_then_hangs(tmp_path):
+    """A server that passes the /health probe and then never answers an API call (a wedged MLflow server
+    behind a healthy proxy): one line once the bounded wait and one retry are spent, not MLflow's
+    7 retries with a growing backoff. A process of its own, so that the defaults it sets are its own."""
+    import http.server
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    release = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/health"):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"OK")
+                return
+            release.wait(120)  # hangs until the test ends
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "3"  # the wait per request, shortened here; the retries are the default's
+    try:
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "runs", "--tracking-uri", uri], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=80)
+        took = time.monotonic() - start
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"pipeline runs: error: cannot read the MLflow store at {uri}: the server took the request but sent no "
+        "answer within 3 s (MLFLOW_HTTP_REQUEST_TIMEOUT)"], proc.stderr
+    assert took < 40, took  # one retry: about 2 × 3 s plus start-up; MLflow's own 7 retries back off for minutes

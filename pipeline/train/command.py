@@ -9,6 +9,7 @@ import sys
 import typing
 
 from pipeline.train.config import Precision
+from pipeline.train.tracking_queue import http_env_defaults
 
 PRECISIONS = typing.get_args(Precision)
 
@@ -82,6 +83,7 @@ def config_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     """``pipeline train``: validate the config, fit, print the test accuracy and where the run is tracked."""
     cfg = config_from_args(args)
+    http_env_defaults()  # a tracking server that stops answering: seconds per request, not MLflow's minutes
     if args.print_config:
         import yaml
 
@@ -106,6 +108,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """``pipeline evaluate``: print top-1/top-5 and per-class accuracy."""
     from pipeline.train.evaluate import RunLog, evaluate_model
 
+    http_env_defaults()
     # MLflow's download bar for an MLflow model: on a terminal only, not as lines in a log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if sys.stderr.isatty() else "false")
     run_log = RunLog(args.model, args.log_as) if args.log_as is not None else None  # its errors before the work

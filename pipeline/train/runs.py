@@ -136,6 +136,9 @@ def _first_sentence(exc: BaseException) -> str:
     if "MLFLOW_ALLOW_FILE_STORE" in text:  # MLflow 3's refusal of a directory (file store): one long paragraph
         return ("MLflow's file store (a directory) is in maintenance mode and refused; use a sqlite:/// or "
                 "http(s):// store, or set MLFLOW_ALLOW_FILE_STORE=true")
+    if "timed out" in text.lower():  # requests' ReadTimeout inside MLflow's "Max retries exceeded" paragraph
+        wait = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+        return f"the server took the request but sent no answer within {wait} s (MLFLOW_HTTP_REQUEST_TIMEOUT)"
     return first_line(exc).split(". ", 1)[0].rstrip(".")  # its first sentence
 
 
@@ -232,10 +235,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     from pipeline.train.tracking import resolve_tracking_uri
+    from pipeline.train.tracking_queue import http_env_defaults
 
     if args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     uri = resolve_tracking_uri(args.tracking_uri)
+    http_env_defaults()  # a server that answers /health and then hangs: one line in seconds, not minutes
     check_store(uri)
     print(runs_table(uri, args.experiment, args.sort, args.limit))
     return 0

@@ -591,6 +591,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from pipeline.train.tracking_queue import http_env_defaults
+
+    http_env_defaults()
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UserError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     name = args.name or f"{Path(args.config).stem}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"

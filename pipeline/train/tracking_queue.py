@@ -483,7 +483,9 @@ def sync(spool_dir: str | Path) -> tuple[int, str | None]:
 
 
 def http_env_defaults() -> None:
-    """Short MLflow HTTP retries in this process (the sender thread retries with its own backoff)."""
+    """Short MLflow HTTP waits and retries in this process: 15 s per request, one retry (MLflow's own
+    defaults wait 120 s per request and retry 7 times with a growing backoff, over ten minutes in
+    silence). The tracking sender retries with its own backoff; a user's own values are kept."""
     for k, v in HTTP_ENV.items():
         os.environ.setdefault(k, v)
 

@@ -6,7 +6,9 @@ the RNG round trip, the step trigger. The slow ones train for real on Ray Train
 losses, logged at every step, with an uninterrupted run of the same job:
 
 1. the reference run;
-2. the same job with a worker SIGKILLed right after its first mid-epoch checkpoint;
+2. the same job with a worker SIGKILLed right after its first mid-epoch checkpoint, and
+   ``run.max_failures=0``: Ray Train gives up at once, and the driver starts it again, since it
+   checkpointed after it started;
 3. the same job as ``python -m pipeline.train`` stopped by Ctrl-C (SIGINT to its process
    group, Ray's local processes included), then run again;
 4. a job whose data fails to decode: its MLflow run ends FAILED.
@@ -224,7 +226,9 @@ def jobs(shards, tmp_path_factory, ray_local):
 
     watcher = threading.Thread(target=chaos, daemon=True)
     watcher.start()
-    killed_result = fit(load_config("fashion_mnist", _overrides(shards, root, "killed")))
+    # max_failures=0: Ray Train gives up at the kill, and fit starts the job again because it checkpointed
+    # since it started (``launch._start_again``): the budget counts failures without progress between them.
+    killed_result = fit(load_config("fashion_mnist", _overrides(shards, root, "killed") + ["run.max_failures=0"]))
     watcher.join(timeout=1)
     return {"root": root, "uri": uri, "reference": reference, "killed": killed_result, "killed_pids": killed}
 

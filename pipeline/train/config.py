@@ -180,7 +180,7 @@ class RunSection:
     # (a string: a Path would fold the "//" and turn the URI into a local folder named "s3:").
     storage_path: str = "ray_results"
     checkpoints_to_keep: int = 2
-    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    max_failures: int = 2  # worker faults in a row without a new checkpoint between them (launch._start_again)
     keep_best_by: Literal["val_top1", "val_loss"] = "val_top1"
     # Mid-epoch checkpoints (epoch ends always checkpoint): every N optimizer steps and/or every M
     # minutes of training, whichever comes first; null turns a trigger off. With 30 minutes a failure

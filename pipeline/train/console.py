@@ -255,6 +255,11 @@ class DriverConsole:
             self._close_bar()
         self._write(format_event(event))
 
+    def say(self, text: str) -> None:
+        """One line of the driver's own, between the bar's updates (printed even when rank 0's are not)."""
+        self._close_bar()
+        self._write(text)
+
     def _update_bar(self, event: tuple) -> None:
         from tqdm import tqdm
 

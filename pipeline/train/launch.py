@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError, described, first_line
+from pipeline.errors import ANSI_COLOUR, UserError, described, first_line
 from pipeline.fileio import is_uri, make_writable_dir
 from pipeline.ray_address import probe
 from pipeline.train.config import MLFLOW_MODEL_SCHEMES, TrainConfig
@@ -270,7 +270,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     from pipeline.train.loop import train_loop_per_worker
     from pipeline.train.preempt import clear_stop, read_stop, stop_on_signals
     from pipeline.train.ray_output import quiet_ray_output
-    from pipeline.train.resume import prune_unkept
+    from pipeline.train.resume import newest_global_step, prune_unkept
     from pipeline.train.topology import check_nodes, index_digest
     from pipeline.train.tracking import (default_artifact_location, find_job_run, job_run_id, resolve_tracking_uri,
                                          tracking_behind)
@@ -306,9 +306,8 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     if not verbose:
         quiet_ray_output()
     check_nodes(cfg.data.shards, loop_config["index_sha256"], str(cfg.run.storage_path))
-    with DriverConsole(enabled=console) as out:
-        loop_config["console"] = out.sink  # rank 0 sends its lines here; None: silent
-        trainer = TorchTrainer(
+    def trainer() -> TorchTrainer:
+        made = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
             torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
@@ -322,16 +321,29 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
                 callbacks=list(callbacks),
             ),
         )
-        with stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled=local_storage) as signals, \
-                _controller_env(cfg):
-            if signals.handled:  # Ray Train V2's fit() puts a SIGINT handler over ours: an abort, no checkpoint
-                trainer._register_sigint_handler = lambda controller: None  # Ctrl-C stops as SIGTERM does
+        if signals.handled:  # Ray Train V2's fit() puts a SIGINT handler over ours: an abort, no checkpoint
+            made._register_sigint_handler = lambda controller: None  # Ctrl-C stops as SIGTERM does
+        return made
+
+    with DriverConsole(enabled=console) as out, \
+            stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled=local_storage) as signals, \
+            _controller_env(cfg):
+        loop_config["console"] = out.sink  # rank 0 sends its lines here; None: silent
+        start_step = newest_global_step(storage_dir)
+        while True:
             try:
-                result = trainer.fit()
+                result = trainer().fit()
+                break
             except Exception as exc:
-                if tracking_uri:
-                    _record_failure(storage_dir, exc)
-                raise
+                reached = newest_global_step(storage_dir)
+                if not _start_again(exc, cfg, reached > start_step, storage_dir if local_storage else None):
+                    if tracking_uri:
+                        _record_failure(storage_dir, exc)
+                    raise
+                out.say(f"[pipeline] {cfg.run.name}: Ray Train gave up after {_failures(cfg)}; the job "
+                        f"checkpointed step {reached} since its last start (step {max(start_step, 0)}), so it starts "
+                        f"again from there ({_failure_text(exc)[:200]})")
+                start_step = reached
     # Checkpoints Ray Train never registered (a node lost mid-upload) are not in its count to keep.
     prune_unkept(storage_dir, [c.path for c, _ in result.best_checkpoints or []])
     # A stop asked for as the job was ending anyway is no stop: the last report says which it was.
@@ -351,6 +363,38 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
         stopped=stopped,
         tracking_behind=tracking_behind(storage_dir) if tracking_uri and local_storage else None,
     )
+
+
+def _start_again(exc: Exception, cfg: TrainConfig, progressed: bool, local_storage_dir: str | None) -> bool:
+    """Whether ``fit`` starts the job again after Ray Train gave up on it.
+
+    Ray Train counts ``run.max_failures`` over the whole job: a job that runs for days would end at
+    its third worker fault even if weeks of checkpoints lay between them. So the count starts again
+    whenever the job checkpointed since its last start, and ends it only when ``max_failures + 1``
+    failures come without a new checkpoint in between (a fault that recurs before the next one). Only
+    worker failures count so; a failure of Ray Train's controller, or after a stop was asked for, ends it.
+    """
+    from ray.train import WorkerGroupError
+
+    from pipeline.train.preempt import read_stop
+
+    if not progressed or not isinstance(exc, WorkerGroupError) or cfg.run.max_failures < 0:
+        return False
+    return local_storage_dir is None or read_stop(local_storage_dir) is None
+
+
+def _failures(cfg: TrainConfig) -> str:
+    n = cfg.run.max_failures + 1
+    return f"{n} failure{'s' if n > 1 else ''} (run.max_failures={cfg.run.max_failures})"
+
+
+def _failure_text(exc: Exception) -> str:
+    """The first failed rank's own error (Ray's wrapper only says that workers failed)."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:
+        rank, error = min(failures.items(), key=lambda item: str(item[0]))
+        return f"rank {rank}: {ANSI_COLOUR.sub('', described(error))}"
+    return described(exc)
 
 
 def _record_failure(storage_dir: str, exc: Exception) -> None:

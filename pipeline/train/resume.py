@@ -90,6 +90,12 @@ def newest_complete(storage_dir: str, registered_path: str | None = None) -> str
     return max(ranked)[2] if ranked else None
 
 
+def newest_global_step(storage_dir: str) -> int:
+    """The global step of the job's newest complete checkpoint on storage; -1 when it has none."""
+    fs, root = _filesystem(storage_dir)
+    return max((_global_step(fs, p) for p in _checkpoint_dirs(fs, root)), default=-1)
+
+
 def prune_unkept(storage_dir: str, kept: list[str]) -> list[str]:
     """Remove the job's ``checkpoint_*`` directories that are not in ``kept``; returns their names.
 
@@ -157,4 +163,4 @@ def _complete_meta(fs, path: str) -> dict[str, Any] | None:
     return meta
 
 
-__all__ = ["log_missed_epoch", "newest_complete", "prune_unkept", "resume_checkpoint"]
+__all__ = ["log_missed_epoch", "newest_complete", "newest_global_step", "prune_unkept", "resume_checkpoint"]

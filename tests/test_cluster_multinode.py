@@ -330,6 +330,11 @@ def test_elastic_job_shrinks_on_node_loss_and_grows_back(cluster, shards, tmp_pa
     # The start, the shrink and the regrowth each tag the epoch they start from; a shrink before
     # the first checkpoint starts from the same epoch as the start and shares its tag.
     assert len(_restarts(run)) >= 2
+    # The controller saw a checkpoint of the running 1-worker group newer than when it decided to grow it
+    # (pipeline.train.resize), and the bigger group resumed after it.
+    grown = out.rfind("before the worker group resizes to 2 worker(s)")
+    assert grown > 0 and "[pipeline] elastic: checkpoint at step " in out, out[-4000:]
+    assert "elastic: resuming" in out[grown:], out[grown:][-4000:]
 
 
 def test_fixed_size_job_resumes_from_checkpoint_when_the_node_is_back(cluster, shards, tmp_path):

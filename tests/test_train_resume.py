@@ -36,7 +36,8 @@ import torch
 
 from pipeline.cli import main
 from pipeline.data import LoaderOptions, build_loader
-from pipeline.train.preempt import Control, clear_stop, drop_worker_stop, exit_code, read_stop, request_stop
+from pipeline.train.preempt import (Control, clear_stop, drop_worker_stop, exit_code, read_checkpoint_request, read_stop,
+                                    request_checkpoint, request_stop)
 from pipeline.train.state import rng_state, set_rng_state
 from _proc import descendants_with
 
@@ -173,6 +174,28 @@ def test_control_steps_and_stop_file(tmp_path):
     assert drop_worker_stop(tmp_path) is None and read_stop(tmp_path) == "SIGTERM to the driver"
     request_stop(tmp_path, "SIGTERM to worker rank 0 on 127.0.0.3", origin="worker")
     assert drop_worker_stop(tmp_path) == "SIGTERM to worker rank 0 on 127.0.0.3" and read_stop(tmp_path) is None
+
+
+def test_a_checkpoint_request_is_served_once_and_training_goes_on(tmp_path):
+    """What an elastic group's controller asks before it resizes (pipeline.train.resize): a checkpoint at the
+    next agreed check, no stop; served, the request is gone, and no later step is due for it."""
+    ctl = Control(storage_dir=tmp_path, rank=0, world_size=1, every_steps=None, every_minutes=None)
+    assert not any(ctl.poll(s)[0] for s in range(1, 4))
+    request_checkpoint(tmp_path, "the worker group resizes to 2 worker(s)")
+    assert read_checkpoint_request(tmp_path) == "the worker group resizes to 2 worker(s)"
+    deadline, step = time.monotonic() + 60, 4
+    while not ctl.poll(step)[0]:  # due at the next agreed check
+        assert time.monotonic() < deadline
+        step += 1
+        time.sleep(0.02)
+    assert not ctl.poll(step)[1] and read_stop(tmp_path) is None  # a checkpoint, not a stop
+    ctl.checkpointed()
+    assert read_checkpoint_request(tmp_path) is None
+    end = time.monotonic() + 2.5  # two more agreed checks: nothing due
+    while time.monotonic() < end:
+        step += 1
+        assert not ctl.poll(step)[0], step
+        time.sleep(0.02)
 
 
 # --- slow: real jobs ---------------------------------------------------------------------------

@@ -270,6 +270,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     from pipeline.train.loop import train_loop_per_worker
     from pipeline.train.preempt import clear_stop, read_stop, stop_on_signals
     from pipeline.train.ray_output import quiet_ray_output
+    from pipeline.train.resize import CheckpointBeforeResize
     from pipeline.train.resume import newest_global_step, prune_unkept
     from pipeline.train.topology import check_nodes, index_digest
     from pipeline.train.tracking import (default_artifact_location, find_job_run, job_run_id, resolve_tracking_uri,
@@ -306,6 +307,9 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     if not verbose:
         quiet_ray_output()
     check_nodes(cfg.data.shards, loop_config["index_sha256"], str(cfg.run.storage_path))
+    # An elastic group that grows back checkpoints first (requests are files on shared storage).
+    resize_callbacks = [CheckpointBeforeResize(storage_dir, cfg.run.name)] if cfg.scaling.elastic and local_storage else []
+
     def trainer() -> TorchTrainer:
         made = TorchTrainer(
             train_loop_per_worker,
@@ -318,7 +322,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                 logging_config=LoggingConfig(log_level=train_log_level(verbose)),
-                callbacks=list(callbacks),
+                callbacks=[*callbacks, *resize_callbacks],
             ),
         )
         if signals.handled:  # Ray Train V2's fit() puts a SIGINT handler over ours: an abort, no checkpoint

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from pipeline.train.config import RunSection
 
 STOP_FILE = "STOP"
+CHECKPOINT_FILE = "CHECKPOINT"  # a checkpoint now, training goes on (before an elastic group resizes)
 # Target time between the ranks' agreed checks; PIPELINE_STOP_CHECK_S overrides it (0: every step).
 CHECK_PERIOD_S = float(os.environ.get("PIPELINE_STOP_CHECK_S", "1.0"))
 MAX_CHECK_INTERVAL = 100  # steps: bounds the wait when steps that were fast turn slow
@@ -78,6 +79,24 @@ def clear_stop(storage_dir: str | Path) -> None:
     stop_path(storage_dir).unlink(missing_ok=True)
 
 
+def request_checkpoint(storage_dir: str | Path, reason: str) -> None:
+    """Ask the job's workers for a checkpoint at the next agreed check; they train on after it."""
+    write_atomic(Path(storage_dir) / CHECKPOINT_FILE, lambda f: f.write(json.dumps({"reason": reason}).encode()))
+
+
+def read_checkpoint_request(storage_dir: str | Path) -> str | None:
+    """The reason of a pending checkpoint request, or None."""
+    try:
+        record = json.loads((Path(storage_dir) / CHECKPOINT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return str(record.get("reason", "asked for")) if isinstance(record, dict) else None
+
+
+def clear_checkpoint_request(storage_dir: str | Path) -> None:
+    (Path(storage_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+
 def drop_worker_stop(storage_dir: str | Path) -> str | None:
     """Remove a stop request a worker of an earlier worker group wrote; its reason, or None.
 
@@ -108,6 +127,8 @@ class Control:
             # Its own CPU group: with NCCL, a host-side flag needs no device sync.
             self.group = torch.distributed.new_group(backend="gloo")
         self.stop_reason: str | None = None
+        self.requested: str | None = None  # rank 0: the reason of a checkpoint request being served
+        self._shared_files = not is_uri(storage_dir)  # stop and checkpoint requests are files there
         self._next_check = 0
         self._last_check: tuple[float, int] | None = None  # (time, step) of the last agreed check
         self._last_checkpoint = time.monotonic()
@@ -135,14 +156,19 @@ class Control:
         return due or time_due or stop, stop
 
     def checkpointed(self) -> None:
-        """A checkpoint was written: the time trigger counts from now."""
+        """A checkpoint was written: the time trigger counts from now, and a request it served is done."""
         self._last_checkpoint = time.monotonic()
+        if self.requested is not None:  # the controller says so when it sees it (pipeline.train.resize)
+            clear_checkpoint_request(self.storage_dir)
+            self.requested = None
 
     def _agree(self, global_step: int) -> tuple[bool, bool, int]:
         flags = torch.zeros(3, dtype=torch.float64)
         if self.rank == 0:
             now = time.monotonic()
-            self.stop_reason = read_stop(self.storage_dir)
+            self.stop_reason = read_stop(self.storage_dir) if self._shared_files else None
+            if self._shared_files and self.requested is None:
+                self.requested = read_checkpoint_request(self.storage_dir)
             if self._last_check is None:
                 interval = 1  # no step time measured yet
             else:
@@ -151,7 +177,8 @@ class Control:
                 interval = min(max(int(CHECK_PERIOD_S / max(step_s, 1e-6)), 1), MAX_CHECK_INTERVAL)
             self._last_check = (now, global_step)
             flags[0] = self.stop_reason is not None
-            flags[1] = self.every_s is not None and now - self._last_checkpoint >= self.every_s
+            flags[1] = (self.every_s is not None and now - self._last_checkpoint >= self.every_s) or \
+                self.requested is not None
             flags[2] = interval
         if self.group is not None:
             torch.distributed.broadcast(flags, src=0, group=self.group)  # the group spans all ranks

@@ -270,7 +270,6 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     from pipeline.train.loop import train_loop_per_worker
     from pipeline.train.preempt import clear_stop, read_stop, stop_on_signals
     from pipeline.train.ray_output import quiet_ray_output
-    from pipeline.train.resize import CheckpointBeforeResize
     from pipeline.train.resume import newest_global_step, prune_unkept
     from pipeline.train.topology import check_nodes, index_digest
     from pipeline.train.tracking import (default_artifact_location, find_job_run, job_run_id, resolve_tracking_uri,
@@ -308,7 +307,14 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
         quiet_ray_output()
     check_nodes(cfg.data.shards, loop_config["index_sha256"], str(cfg.run.storage_path))
     # An elastic group that grows back checkpoints first (requests are files on shared storage).
-    resize_callbacks = [CheckpointBeforeResize(storage_dir, cfg.run.name)] if cfg.scaling.elastic and local_storage else []
+    resize_callbacks = []
+    if cfg.scaling.elastic and local_storage:
+        try:
+            from pipeline.train.resize import CheckpointBeforeResize
+        except ImportError:  # a Ray whose Train internals moved: it grows back from the latest checkpoint
+            pass
+        else:
+            resize_callbacks.append(CheckpointBeforeResize(storage_dir, cfg.run.name))
 
     def trainer() -> TorchTrainer:
         made = TorchTrainer(
@@ -378,7 +384,10 @@ def _start_again(exc: Exception, cfg: TrainConfig, progressed: bool, local_stora
     failures come without a new checkpoint in between (a fault that recurs before the next one). Only
     worker failures count so; a failure of Ray Train's controller, or after a stop was asked for, ends it.
     """
-    from ray.train import WorkerGroupError
+    try:
+        from ray.train import WorkerGroupError
+    except ImportError:  # a Ray Train without it: its own count applies
+        return False
 
     from pipeline.train.preempt import read_stop
 

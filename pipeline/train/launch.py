@@ -268,7 +268,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     from pipeline.shard.manifest import read_manifest
     from pipeline.train.lineage import capture_code
     from pipeline.train.loop import train_loop_per_worker
-    from pipeline.train.preempt import clear_stop, read_stop, stop_on_signals
+    from pipeline.train.preempt import clear_checkpoint_request, clear_stop, read_stop, stop_on_signals
     from pipeline.train.ray_output import quiet_ray_output
     from pipeline.train.resume import newest_global_step, prune_unkept
     from pipeline.train.topology import check_nodes, index_digest
@@ -302,6 +302,8 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
         make_writable_dir(storage_dir, "run.storage_path")  # here, before Ray starts
     if local_storage and not stop_requests:
         clear_stop(storage_dir)  # a request left by the previous submission is not for this one
+    if local_storage:
+        clear_checkpoint_request(storage_dir)  # one a resize left behind (pipeline.train.resize)
     ensure_ray(cfg, verbose)
     if not verbose:
         quiet_ray_output()

@@ -91,8 +91,12 @@ def newest_complete(storage_dir: str, registered_path: str | None = None) -> str
 
 
 def newest_global_step(storage_dir: str) -> int:
-    """The global step of the job's newest complete checkpoint on storage; -1 when it has none."""
-    fs, root = _filesystem(storage_dir)
+    """The global step of the job's newest complete checkpoint on storage; -1 when it has none or the storage
+    cannot be listed (then Ray Train's own count of failures decides, as it would without this)."""
+    try:
+        fs, root = _filesystem(storage_dir)
+    except (OSError, ValueError):  # pyarrow's errors derive from these
+        return -1
     return max((_global_step(fs, p) for p in _checkpoint_dirs(fs, root)), default=-1)
 
 

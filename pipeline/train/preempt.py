@@ -60,13 +60,19 @@ def request_stop(storage_dir: str | Path, reason: str, origin: str = "driver") -
     write_atomic(path, lambda f: f.write(json.dumps(record).encode()))
 
 
-def _read_request(storage_dir: str | Path) -> dict | None:
-    """The pending stop request (``reason``, ``time``, ``origin``), or None when there is none or it is unreadable."""
+def _read_record(path: Path) -> dict | None:
+    """A request file's JSON object, or None when there is none or it is unreadable."""
     try:
-        record = json.loads(stop_path(storage_dir).read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and "reason" in record else None
+    return record if isinstance(record, dict) else None
+
+
+def _read_request(storage_dir: str | Path) -> dict | None:
+    """The pending stop request (``reason``, ``time``, ``origin``), or None when there is none or it is unreadable."""
+    record = _read_record(stop_path(storage_dir))
+    return record if record is not None and "reason" in record else None
 
 
 def read_stop(storage_dir: str | Path) -> str | None:
@@ -86,11 +92,8 @@ def request_checkpoint(storage_dir: str | Path, reason: str) -> None:
 
 def read_checkpoint_request(storage_dir: str | Path) -> str | None:
     """The reason of a pending checkpoint request, or None."""
-    try:
-        record = json.loads((Path(storage_dir) / CHECKPOINT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return str(record.get("reason", "asked for")) if isinstance(record, dict) else None
+    record = _read_record(Path(storage_dir) / CHECKPOINT_FILE)
+    return str(record.get("reason", "asked for")) if record is not None else None
 
 
 def clear_checkpoint_request(storage_dir: str | Path) -> None:

@@ -341,6 +341,8 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
             stop_on_signals(storage_dir, cfg.run.preempt_timeout_s, enabled=local_storage) as signals, \
             _controller_env(cfg):
         loop_config["console"] = out.sink  # rank 0 sends its lines here; None: silent
+        for callback in resize_callbacks:
+            callback.console = out.sink  # and so does the controller's resize callback
         start_step = newest_global_step(storage_dir)
         while True:
             try:

@@ -36,6 +36,15 @@ class CheckpointBeforeResize(ControllerCallback):
         self.storage_dir = storage_dir
         self.run_name = run_name
         self.wait_s = wait_s
+        # The driver's ``ConsoleSink`` (set once it exists): its lines come out as ours, without the
+        # ``(TrainController pid=…)`` prefix Ray puts on an actor's prints. None: print them.
+        self.console = None
+
+    def _say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.put.remote(("line", text))
+        else:
+            print(f"[pipeline] {text}", flush=True)
 
     def after_controller_state_update(self, previous_state, current_state) -> None:
         from ray.train.v2._internal.execution.controller.state import ResizingState
@@ -57,14 +66,14 @@ class CheckpointBeforeResize(ControllerCallback):
         try:
             while (reached := newest_global_step(self.storage_dir)) <= before:
                 if time.monotonic() - t0 > self.wait_s:
-                    print(f"[pipeline] {self.run_name}: no checkpoint within {self.wait_s:.0f} s before the worker "
-                          f"group resizes to {num_workers} worker(s); it starts from step {before}", flush=True)
+                    self._say(f"{self.run_name}: no checkpoint within {self.wait_s:.0f} s before the worker group "
+                              f"resizes to {num_workers} worker(s); it starts from step {before}")
                     return
                 time.sleep(POLL_S)
         finally:
             clear_checkpoint_request(self.storage_dir)  # not for the new group
-        print(f"[pipeline] {self.run_name}: checkpoint at step {reached} before the worker group resizes to "
-              f"{num_workers} worker(s) ({time.monotonic() - t0:.1f} s)", flush=True)
+        self._say(f"{self.run_name}: checkpoint at step {reached} before the worker group resizes to "
+                  f"{num_workers} worker(s) ({time.monotonic() - t0:.1f} s)")
 
 
 __all__ = ["CheckpointBeforeResize"]

@@ -11,7 +11,8 @@ losses, logged at every step, with an uninterrupted run of the same job:
    checkpointed after it started;
 3. the same job as ``python -m pipeline.train`` stopped by Ctrl-C (SIGINT to its process
    group, Ray's local processes included), then run again;
-4. a job whose data fails to decode: its MLflow run ends FAILED.
+4. a job whose data fails to decode: its MLflow run ends FAILED;
+5. a job whose weights become NaN: it ends FAILED at once, its good checkpoints kept.
 
 Same world size, CPU, fp32, one intra-op thread: the resumed losses equal the
 reference bit for bit (tolerance 0). Model, optimizer, schedule, every RNG and
@@ -176,6 +177,38 @@ def test_control_steps_and_stop_file(tmp_path):
     assert drop_worker_stop(tmp_path) == "SIGTERM to worker rank 0 on 127.0.0.3" and read_stop(tmp_path) is None
 
 
+def test_nonfinite_names_the_first_bad_parameter_or_buffer():
+    from torch import nn
+
+    from pipeline.train.guard import nonfinite
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(2, 1, 8, 8))
+    assert nonfinite(model) is None and nonfinite(model, buffers=True) is None
+    model[1].running_var[2] = float("inf")  # an fp16 overflow in a forward pass: BatchNorm's statistics only
+    assert nonfinite(model) is None and nonfinite(model, buffers=True) == "1.running_var"
+    with torch.no_grad():
+        model[3].weight[0, 5] = float("nan")
+    assert nonfinite(model) == "3.weight" and nonfinite(model, buffers=True) == "3.weight"
+
+
+def test_a_divergence_record_round_trips_and_is_cleared(tmp_path):
+    from pipeline.train.guard import DivergedInLoop, clear_divergence, diverged_message, read_divergence, \
+        record_divergence
+
+    assert read_divergence(str(tmp_path)) is None
+    clear_divergence(str(tmp_path))  # nothing to clear: no error
+    record_divergence(str(tmp_path), DivergedInLoop(40, 2, "fc.weight"))
+    record = read_divergence(str(tmp_path))
+    assert record == {"global_step": 40, "epoch": 2, "tensor": "fc.weight"}
+    line = diverged_message("r50", record, -1)
+    assert "by step 40 (epoch 3; first: fc.weight)" in line and "no checkpoint was written" in line
+    (tmp_path / "DIVERGED").write_text('{"global_st')  # cut short: no record
+    assert read_divergence(str(tmp_path)) is None
+    clear_divergence(str(tmp_path))
+    assert not (tmp_path / "DIVERGED").exists()
+
+
 def test_a_checkpoint_request_is_served_once_and_training_goes_on(tmp_path):
     """What an elastic group's controller asks before it resizes (pipeline.train.resize): a checkpoint at the
     next agreed check, no stop; served, the request is gone, and no later step is due for it."""
@@ -337,6 +370,37 @@ def test_a_failing_job_leaves_its_run_failed(shards, tmp_path, ray_local):
     run = _run(f"sqlite:///{tmp_path}/mlruns.db", "failing")
     assert run.info.status == "FAILED"
     assert run.data.tags.get("pipeline.end_reason")
+
+
+@pytest.mark.parametrize("log_every", [1, 50])  # found at the step's log line, or only before its checkpoint
+def test_a_diverging_job_ends_failed_without_checkpointing_its_nan_weights(shards, tmp_path, ray_local, log_every):
+    """Adam at lr 1e30: step 1 leaves huge but finite weights (checkpointed), step 2 NaN ones. The job ends
+    there with one error naming both steps, no retry, and no checkpoint of the NaN weights."""
+    from pipeline.errors import UserError
+    from pipeline.train.checkpoint import load_state
+    from pipeline.train.config import load_config
+    from pipeline.train.launch import fit
+
+    overrides = _overrides(shards, tmp_path, "diverging") + ["optim.lr=1e30", "run.checkpoint_every_steps=1",
+                                                             f"train.log_every_steps={log_every}"]
+    cfg = load_config("fashion_mnist", overrides)
+    with pytest.raises(UserError) as err:
+        fit(cfg)
+    text = str(err.value)
+    assert "\n" not in text and "training diverged" in text, text
+    assert "by step 2 " in text and "the newest checkpoint, step 1, is from before it" in text, text
+    checkpoints = sorted(c for c in (tmp_path / "ray_results" / "diverging").glob("checkpoint_*") if c.is_dir())
+    assert checkpoints, "step 1 was checkpointed"
+    for c in checkpoints:  # the NaN weights of step 2 were never written
+        state = load_state(c)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()), c
+        assert (c / "meta.json").is_file() and '"global_step": 1' in (c / "meta.json").read_text()
+    run = _run(f"sqlite:///{tmp_path}/mlruns.db", "diverging")
+    assert run.info.status == "FAILED"
+    assert "non-finite" in run.data.tags.get("pipeline.end_reason", ""), run.data.tags
+    history = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_metric_history(run.info.run_id,
+                                                                                       "step_train_loss")
+    assert [m.step for m in history] == ([1, 2] if log_every == 1 else []), history  # not retried: logged once
 
 
 def test_a_storage_uri_stays_a_uri_and_the_best_checkpoint_is_kept_there(tmp_path):

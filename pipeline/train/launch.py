@@ -266,6 +266,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
 
     from pipeline.train.console import DriverConsole, train_log_level
     from pipeline.shard.manifest import read_manifest
+    from pipeline.train.guard import Diverged, clear_divergence, diverged_message, read_divergence
     from pipeline.train.lineage import capture_code
     from pipeline.train.loop import train_loop_per_worker
     from pipeline.train.preempt import clear_checkpoint_request, clear_stop, read_stop, stop_on_signals
@@ -344,6 +345,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
         for callback in resize_callbacks:
             callback.console = out.sink  # and so does the controller's resize callback
         start_step = newest_global_step(storage_dir)
+        clear_divergence(storage_dir)  # an earlier attempt's record is not about this one
         while True:
             try:
                 result = trainer().fit()
@@ -360,6 +362,9 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
                 start_step = reached
     # Checkpoints Ray Train never registered (a node lost mid-upload) are not in its count to keep.
     prune_unkept(storage_dir, [c.path for c, _ in result.best_checkpoints or []])
+    diverged = read_divergence(storage_dir)  # the workers ended the job on NaN/inf weights
+    if diverged is not None:
+        raise Diverged(diverged_message(str(cfg.run.name), diverged, newest_global_step(storage_dir)))
     # A stop asked for as the job was ending anyway is no stop: the last report says which it was.
     stopped = read_stop(storage_dir) if local_storage and result.metrics.get("stopped") else None
     # The run id from the job's tracking spool: no call to a tracking server that may be down.

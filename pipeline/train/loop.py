@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.metrics import ThroughputMeter
-from pipeline.train.checkpoint import clear_stale_staging, load_state, result_weights, staging_dir
+from pipeline.train.checkpoint import clear_stale_staging, load_state, result_weights, staging_dir, unwrap
 from pipeline.train.config import MLFLOW_MODEL_SCHEMES, TrainConfig, config_from_dict
 from pipeline.train.console import WorkerConsole
 from pipeline.train.coverage import log_coverage
+from pipeline.train.guard import DivergedInLoop, nonfinite, record_divergence
 from pipeline.train.models import build_model, head_name, load_backbone
 from pipeline.train.preempt import Control
 from pipeline.train.resume import log_missed_epoch, resume_checkpoint
@@ -130,6 +131,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 return
             val = _end_epoch(w, epoch, meter)
         _finish(w, val)
+    except DivergedInLoop as exc:  # every rank, at the same step: end without a retry (it would diverge again)
+        w.tracker.end("FAILED", reason=str(exc))
+        if w.is_main:
+            record_divergence(w.storage_dir, exc)  # for the driver's line (pipeline.train.guard)
     except Exception as exc:
         w.tracker.end("FAILED", reason=f"{type(exc).__name__}: {exc}"[:500])
         raise
@@ -273,6 +278,7 @@ def _train_epoch(w: _Worker, epoch: int) -> ThroughputMeter | None:
         w.console.step(epoch + 1, cfg.train.epochs, step + 1, w.steps_per_epoch)  # the TTY bar; ≤ 2 sends/s
         if st.global_step % cfg.train.log_every_steps == 0:
             _log_step(w, epoch, step, loss, window)
+            _check_weights(w, buffers=False)  # the parameters, equal on every rank: no collective needed
         due, stop = w.control.poll(st.global_step)
         if stop or (due and st.step_in_epoch < w.steps_per_epoch):  # an epoch's end checkpoints anyway
             t0 = time.perf_counter()
@@ -343,6 +349,8 @@ def _checkpoint(w: _Worker, metrics: dict[str, Any], keep: bool = False) -> str:
     """Every rank writes its part and reports it: Ray Train merges the ranks' directories into one checkpoint."""
     import ray.train
 
+    # BatchNorm statistics differ between ranks (rank 0's are the ones saved): rank 0 checks them, all agree.
+    _check_weights(w, buffers=w.is_main, agree=True)
     tmp = staging_dir()
     try:
         w.state.save(tmp, {**w.meta, "epoch": w.state.epoch, "step_in_epoch": w.state.step_in_epoch,
@@ -356,6 +364,16 @@ def _checkpoint(w: _Worker, metrics: dict[str, Any], keep: bool = False) -> str:
     if not keep:
         shutil.rmtree(tmp, ignore_errors=True)
     return tmp
+
+
+def _check_weights(w: _Worker, *, buffers: bool, agree: bool = False) -> None:
+    """Raise ``DivergedInLoop`` if the model's weights hold NaN or inf (``pipeline.train.guard``); ``agree``: every
+    rank raises if any rank found one (a collective: only where all ranks are at the same step)."""
+    bad = nonfinite(unwrap(w.model), buffers=buffers)
+    if (_agree_any(bad is not None, w.device) if agree else bad is not None):
+        st = w.state
+        epoch = st.epoch if st.step_in_epoch else st.epoch - 1  # an epoch's end has counted it already
+        raise DivergedInLoop(st.global_step, epoch, bad or "on another rank")
 
 
 def _finish(w: _Worker, val: dict[str, Any]) -> None:
@@ -379,7 +397,7 @@ def _agree_any(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([float(flag)], device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())  # host sync: once, at start-up
+    return bool(t.item())  # host sync: at start-up and before each checkpoint
 
 
 def _say(w: _Worker, line: str) -> None:

@@ -351,11 +351,8 @@ def test_ctrl_c_to_the_driver_checkpoints_marks_killed_and_resubmit_continues(jo
 
 
 @pytest.mark.slow
-def test_a_failing_job_leaves_its_run_failed(shards, tmp_path, ray_local):
+def test_a_failing_job_leaves_its_run_failed(shards, tmp_path, ray_local, capsys):
     import shutil
-
-    from pipeline.train.config import load_config
-    from pipeline.train.launch import fit
 
     broken = tmp_path / "broken"
     shutil.copytree(shards, broken)
@@ -364,12 +361,40 @@ def test_a_failing_job_leaves_its_run_failed(shards, tmp_path, ray_local):
     start = data.index(b"\x89PNG")
     data[start + 16:start + 400] = b"\0" * 384  # a PNG that no longer decodes, at its verified offset
     tar.write_bytes(bytes(data))
-    cfg = load_config("fashion_mnist", _overrides(broken, tmp_path, "failing") + ["run.max_failures=0"])
-    with pytest.raises(Exception):  # Ray relays the decoder error, or the health check of a rank it took down
-        fit(cfg)
+    overrides = _overrides(broken, tmp_path, "failing") + ["run.max_failures=0"]
+    capsys.readouterr()
+    assert main(["train", "--config", "fashion_mnist", *(a for o in overrides for a in ("--set", o))]) == 1
+    err = capsys.readouterr().err
+    # One line, no traceback: what failed (the decoder error, or the health check of a rank it took
+    # down), then what is kept.
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("pipeline train: error: job failing failed: Ray Train gave up after 1 failure "
+                          "(run.max_failures=0) (rank "), err
+    assert "its MLflow run is FAILED" in err and "a disk is full" not in err, err
     run = _run(f"sqlite:///{tmp_path}/mlruns.db", "failing")
     assert run.info.status == "FAILED"
-    assert run.data.tags.get("pipeline.end_reason")
+    # The failed rank's own error, not Ray's wrapper ("WorkerGroupError: Training failed due to worker errors:").
+    reason = run.data.tags.get("pipeline.end_reason", "")
+    assert reason and "WorkerGroupError" not in reason, reason
+
+
+def test_a_job_that_fills_its_disk_says_so_and_what_it_kept():
+    from ray.train import WorkerGroupError
+
+    from pipeline.train.config import load_config
+    from pipeline.train.launch import _failed_line
+
+    cfg = load_config("fashion_mnist", ["run.name=r", "run.storage_path=/data/runs", "run.max_failures=2"])
+    full = WorkerGroupError("rank 0 …", {1: RuntimeError("Connection closed by peer"),
+                                          0: OSError(28, "No space left on device")})
+    line = _failed_line(cfg, full, 1200, tracked=True)
+    assert line.startswith("job r failed: Ray Train gave up after 3 failures (run.max_failures=2) (rank 0: OSError: "
+                           "[Errno 28] No space left on device); a disk is full: free space under run.storage_path "
+                           "(/data/runs)"), line
+    assert "the newest complete checkpoint is step 1200: run the same command again" in line
+    assert "MLflow run is FAILED" in line
+    other = _failed_line(cfg, WorkerGroupError("", {0: ValueError("bad")}), -1, tracked=False)
+    assert "(rank 0: ValueError: bad); no checkpoint was written (--verbose" in other and "disk" not in other, other
 
 
 @pytest.mark.parametrize("log_every", [1, 50])  # found at the step's log line, or only before its checkpoint

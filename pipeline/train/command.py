@@ -89,9 +89,13 @@ def run_train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from pipeline.train.launch import fit, summary
+    from pipeline.train.launch import JobFailed, fit, summary
 
-    result = fit(cfg, verbose=args.verbose)
+    try:
+        result = fit(cfg, verbose=args.verbose)
+    except JobFailed as exc:  # the workers' errors were shown as Ray printed them; this says what it means
+        print(f"pipeline train: error: {exc}", file=sys.stderr)
+        return 1
     if result.stopped:
         from pipeline.train.preempt import exit_code
 

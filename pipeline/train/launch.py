@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,11 @@ from pipeline.errors import ANSI_COLOUR, UserError, described, first_line
 from pipeline.fileio import is_uri, make_writable_dir
 from pipeline.ray_address import probe
 from pipeline.train.config import MLFLOW_MODEL_SCHEMES, TrainConfig
+
+
+class JobFailed(RuntimeError):
+    """Ray Train gave up on a job: its text is one line for the console (what failed, where it can continue);
+    the error Ray raised is its ``__cause__``."""
 
 
 @dataclasses.dataclass
@@ -355,7 +361,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
                 if not _start_again(exc, cfg, reached > start_step, storage_dir if local_storage else None):
                     if tracking_uri:
                         _record_failure(storage_dir, exc)
-                    raise
+                    raise JobFailed(_failed_line(cfg, exc, reached, bool(tracking_uri))) from exc
                 out.say(f"[pipeline] {cfg.run.name}: Ray Train gave up after {_failures(cfg)}; the job "
                         f"checkpointed step {reached} since its last start (step {max(start_step, 0)}), so it starts "
                         f"again from there ({_failure_text(exc)[:200]})")
@@ -419,6 +425,24 @@ def _failure_text(exc: Exception) -> str:
     return described(exc)
 
 
+_NO_SPACE = re.compile(r"No space left on device|Disk quota exceeded|\[Errno (28|122)\]")
+
+
+def _failed_line(cfg: TrainConfig, exc: Exception, newest_step: int, tracked: bool) -> str:
+    """What the driver says when Ray Train gave up: the first failed rank's error, what is kept, what to do."""
+    what = _failure_text(exc)[:300]
+    gave_up = f"Ray Train gave up after {_failures(cfg)}" if getattr(exc, "worker_failures", None) else "it failed"
+    hint = ""
+    if _NO_SPACE.search(str(exc)) or any(_NO_SPACE.search(str(e)) for e in
+                                         (getattr(exc, "worker_failures", None) or {}).values()):
+        hint = (f"; a disk is full: free space under run.storage_path ({cfg.run.storage_path}) or the workers' "
+                f"TMPDIR, or lower run.checkpoints_to_keep")
+    kept = (f"the newest complete checkpoint is step {newest_step}: run the same command again to continue from it"
+            if newest_step >= 0 else "no checkpoint was written")
+    return (f"job {cfg.run.name} failed: {gave_up} ({what}){hint}; {kept}"
+            f"{'; its MLflow run is FAILED' if tracked else ''} (--verbose shows the workers' tracebacks)")
+
+
 def _record_failure(storage_dir: str, exc: Exception) -> None:
     """The job failed for good: end its MLflow run FAILED, even if rank 0 was killed before it could.
 
@@ -433,9 +457,9 @@ def _record_failure(storage_dir: str, exc: Exception) -> None:
     spool = spool_dir_for(storage_dir)
     if not read_job(spool):
         return  # tracking never started
-    reason = described(exc)[:500]
-    Spool(spool).append([{"t": "end", "status": "FAILED", "reason": reason, "ts": int(time.time() * 1000)}])
+    reason = _failure_text(exc)[:500]  # the failed rank's own error, not Ray's wrapper
     try:
+        Spool(spool).append([{"t": "end", "status": "FAILED", "reason": reason, "ts": int(time.time() * 1000)}])
         sync(spool)
     except Exception:  # noqa: BLE001 - an unreachable server must not hide the job's own error
         pass
@@ -461,4 +485,4 @@ def summary(res: TrainResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TrainResult", "fit", "resolve_paths", "summary"]
+__all__ = ["JobFailed", "TrainResult", "fit", "resolve_paths", "summary"]

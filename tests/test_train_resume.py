@@ -395,6 +395,11 @@ def test_a_job_that_fills_its_disk_says_so_and_what_it_kept():
     assert "MLflow run is FAILED" in line
     other = _failed_line(cfg, WorkerGroupError("", {0: ValueError("bad")}), -1, tracked=False)
     assert "(rank 0: ValueError: bad); no checkpoint was written (--verbose" in other and "disk" not in other, other
+    from ray.train import ControllerError
+
+    controller = _failed_line(cfg, ControllerError(RuntimeError("lost")), 5, tracked=False)
+    assert controller.startswith("job r failed: Ray Train's controller: RuntimeError: lost; "), controller
+    assert "the newest complete checkpoint is step 5" in controller
 
 
 @pytest.mark.parametrize("log_every", [1, 50])  # found at the step's log line, or only before its checkpoint

@@ -417,11 +417,14 @@ def _failures(cfg: TrainConfig) -> str:
 
 
 def _failure_text(exc: Exception) -> str:
-    """The first failed rank's own error (Ray's wrapper only says that workers failed)."""
+    """The first failed rank's own error, or the controller's (Ray's wrappers only say which of them failed)."""
     failures = getattr(exc, "worker_failures", None) or {}
     if failures:
         rank, error = min(failures.items(), key=lambda item: str(item[0]))
         return f"rank {rank}: {ANSI_COLOUR.sub('', described(error))}"
+    controller = getattr(exc, "controller_failure", None)
+    if controller is not None:
+        return f"Ray Train's controller: {ANSI_COLOUR.sub('', described(controller))}"
     return described(exc)
 
 
@@ -431,7 +434,7 @@ _NO_SPACE = re.compile(r"No space left on device|Disk quota exceeded|\[Errno (28
 def _failed_line(cfg: TrainConfig, exc: Exception, newest_step: int, tracked: bool) -> str:
     """What the driver says when Ray Train gave up: the first failed rank's error, what is kept, what to do."""
     what = _failure_text(exc)[:300]
-    gave_up = f"Ray Train gave up after {_failures(cfg)}" if getattr(exc, "worker_failures", None) else "it failed"
+    cause = f"Ray Train gave up after {_failures(cfg)} ({what})" if getattr(exc, "worker_failures", None) else what
     hint = ""
     if _NO_SPACE.search(str(exc)) or any(_NO_SPACE.search(str(e)) for e in
                                          (getattr(exc, "worker_failures", None) or {}).values()):
@@ -439,7 +442,7 @@ def _failed_line(cfg: TrainConfig, exc: Exception, newest_step: int, tracked: bo
                 f"TMPDIR, or lower run.checkpoints_to_keep")
     kept = (f"the newest complete checkpoint is step {newest_step}: run the same command again to continue from it"
             if newest_step >= 0 else "no checkpoint was written")
-    return (f"job {cfg.run.name} failed: {gave_up} ({what}){hint}; {kept}"
+    return (f"job {cfg.run.name} failed: {cause}{hint}; {kept}"
             f"{'; its MLflow run is FAILED' if tracked else ''} (--verbose shows the workers' tracebacks)")
 
 

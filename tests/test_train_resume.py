@@ -378,6 +378,29 @@ def test_a_failing_job_leaves_its_run_failed(shards, tmp_path, ray_local, capsys
     assert reason and "WorkerGroupError" not in reason, reason
 
 
+@pytest.mark.slow
+def test_a_rank_error_after_a_checkpoint_starts_the_job_again_once(shards, tmp_path, ray_local, capsys):
+    """Rank 0 fails at epoch 1's end, after its checkpoint, while rank 1 waits in epoch 2's first all-reduce;
+    Ray tears rank 1 down with SIGTERM, which its handler takes for a preemption. That request must not stop
+    the driver from starting the job again (it checkpointed since it started); the second attempt fails the
+    same way without progress, and the job ends."""
+    from pipeline.train.config import load_config
+    from pipeline.train.launch import JobFailed, fit
+
+    job = tmp_path / "ray_results" / "rank-error"
+    job.mkdir(parents=True)
+    (job / "best_checkpoint").write_text("a file where the best copy's directory goes")  # rank 0's keep_best fails
+    overrides = _overrides(shards, tmp_path, "rank-error") + ["run.max_failures=0", "train.epochs=2",
+                                                               "run.checkpoint_every_steps=null"]
+    capsys.readouterr()
+    with pytest.raises(JobFailed) as err:
+        fit(load_config("fashion_mnist", overrides))
+    out = capsys.readouterr().out
+    assert out.count("so it starts again from there") == 1, out[-3000:]
+    assert "the job checkpointed step 8 since its last start (step 0)" in out, out[-3000:]
+    assert "rank 0: " in str(err.value) and "the newest complete checkpoint is step 8" in str(err.value), err.value
+
+
 def test_a_job_that_fills_its_disk_says_so_and_what_it_kept():
     from ray.train import WorkerGroupError
 

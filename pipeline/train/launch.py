@@ -397,18 +397,25 @@ def _start_again(exc: Exception, cfg: TrainConfig, progressed: bool, local_stora
     its third worker fault even if weeks of checkpoints lay between them. So the count starts again
     whenever the job checkpointed since its last start, and ends it only when ``max_failures + 1``
     failures come without a new checkpoint in between (a fault that recurs before the next one). Only
-    worker failures count so; a failure of Ray Train's controller, or after a stop was asked for, ends it.
+    worker failures count so; a failure of Ray Train's controller, or after the driver was asked to stop,
+    ends it. A stop a worker asked for does not: Ray tears a failed group down with SIGTERM to the ranks
+    still waiting for the failed one, which their handler takes for a preemption, and the new attempt is a
+    new group, which drops such a request anyway (``preempt.drop_worker_stop``). A preemption that ended in
+    a failure rather than a stop checkpoint is retried, as Ray Train retries preemptions.
     """
     try:
         from ray.train import WorkerGroupError
     except ImportError:  # a Ray Train without it: its own count applies
         return False
 
-    from pipeline.train.preempt import read_stop
+    from pipeline.train.preempt import drop_worker_stop, read_stop
 
     if not progressed or not isinstance(exc, WorkerGroupError) or cfg.run.max_failures < 0:
         return False
-    return local_storage_dir is None or read_stop(local_storage_dir) is None
+    if local_storage_dir is None:
+        return True
+    drop_worker_stop(local_storage_dir)
+    return read_stop(local_storage_dir) is None  # the driver's own stop (a signal to it) ends the job
 
 
 def _failures(cfg: TrainConfig) -> str:

@@ -290,8 +290,9 @@ def _on_worker_sigterm(signum: int, frame) -> None:
     global _worker_loop
     loop, _worker_loop = _worker_loop, None  # a second SIGTERM goes to Ray's handler
     if loop is not None and loop[2].is_alive():
+        # No line here: Ray's teardown of a failed group SIGTERMs the ranks still waiting for the failed
+        # one, and "checkpointing" would be false then. A stop that happens is said by rank 0 and the driver.
         request_stop(loop[0], loop[1], origin="worker")
-        print(f"[pipeline] {loop[1]}: checkpointing at the next step, then stopping", file=sys.stderr, flush=True)
         return
     if callable(_ray_sigterm):
         _ray_sigterm(signum, frame)  # Ray's: SystemExit, the worker exits

@@ -401,6 +401,24 @@ def test_a_rank_error_after_a_checkpoint_starts_the_job_again_once(shards, tmp_p
     assert "rank 0: " in str(err.value) and "the newest complete checkpoint is step 8" in str(err.value), err.value
 
 
+def test_a_workers_stop_request_does_not_keep_the_job_from_starting_again(tmp_path):
+    from ray.train import ControllerError, WorkerGroupError
+
+    from pipeline.train.config import load_config
+    from pipeline.train.launch import _start_again
+
+    cfg = load_config("fashion_mnist", ["run.max_failures=0"])
+    failed = WorkerGroupError("", {0: OSError("boom")})
+    request_stop(tmp_path, "SIGTERM to worker rank 1 on 127.0.0.1", origin="worker")  # Ray's teardown
+    assert _start_again(failed, cfg, True, str(tmp_path)) and read_stop(tmp_path) is None
+    request_stop(tmp_path, "SIGTERM to the driver")  # the user's: the job ends
+    assert not _start_again(failed, cfg, True, str(tmp_path))
+    clear_stop(tmp_path)
+    assert not _start_again(failed, cfg, False, str(tmp_path))  # no checkpoint since the last start
+    assert not _start_again(ControllerError(RuntimeError("x")), cfg, True, str(tmp_path))
+    assert _start_again(failed, cfg, True, None)  # storage on a URI: no stop files
+
+
 def test_a_job_that_fills_its_disk_says_so_and_what_it_kept():
     from ray.train import WorkerGroupError
 

@@ -246,6 +246,8 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
         state.restart_epoch()
         if step.schedule is not None:  # its steps are trained again, and so is its stretch of the lr schedule
             step.schedule.step_num = state.epoch * steps_per_epoch
+    if control.note:
+        _say(w, control.note)
     where = ("starting" if saved is None else f"resuming at epoch {state.epoch + 1} step {state.step_in_epoch}"
              if state.step_in_epoch else f"resuming after epoch {state.epoch}")
     _say(w, f"{cfg.run.name}: {where}; {world} worker(s) × batch {cfg.train.batch_size}, {steps_per_epoch} "

@@ -131,6 +131,7 @@ class Control:
             self.group = torch.distributed.new_group(backend="gloo")
         self.stop_reason: str | None = None
         self.requested: str | None = None  # rank 0: the reason of a checkpoint request being served
+        self.note: str | None = None  # rank 0: a line for the console about a request it dropped at start
         self._shared_files = not is_uri(storage_dir)  # stop and checkpoint requests are files there
         self._next_check = 0
         self._last_check: tuple[float, int] | None = None  # (time, step) of the last agreed check
@@ -143,9 +144,9 @@ class Control:
                       every_steps=run.checkpoint_every_steps, every_minutes=run.checkpoint_every_minutes)
         if not is_uri(storage_dir):  # the stop file needs storage the ranks share as a file system
             stale = drop_worker_stop(storage_dir) if rank == 0 else None
-            if stale:
-                print(f"[pipeline] ignored a stop request from the previous worker group ({stale}: "
-                      "Ray's restart of a failed group, not a preemption)", file=sys.stderr, flush=True)
+            if stale:  # rank 0's console says it, once it exists
+                control.note = (f"ignored a stop request from the previous worker group ({stale}: Ray's restart "
+                                "of a failed group, not a preemption)")
             stop_on_worker_sigterm(storage_dir, rank)
         return control
 

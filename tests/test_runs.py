@@ -24,6 +24,15 @@ def store(tmp_path_factory):
         client.log_metric(run.info.run_id, "val_loss", 1 - top1, step=2)
         client.set_terminated(run.info.run_id, "FINISHED")
     client.create_experiment("other")
+    ended = client.create_experiment("ended", artifact_location=(root / "artifacts").as_uri())
+    for name, status, reason in (("ok", "FINISHED", None), ("nan", "FAILED", "the weights became non-finite (NaN or "
+                                 "inf) by step 2 (epoch 1; first: fc.weight)\nmore"),
+                                 ("spot", "KILLED", "SIGTERM to worker rank 1 on 10.0.0.2"), ("gone", "FAILED", None)):
+        run = client.create_run(ended, run_name=name)
+        client.log_param(run.info.run_id, "optim.lr", {"ok": "0.1", "nan": "1e30"}.get(name, "0.2"))
+        if reason:
+            client.set_tag(run.info.run_id, "pipeline.end_reason", reason)
+        client.set_terminated(run.info.run_id, status)
     return uri
 
 
@@ -39,10 +48,24 @@ def test_runs_names_the_differing_params_with_final_metrics_best_first(store, ca
     assert [(r[lr], r[top1]) for r in rows] == [("0.003", "0.8300"), ("0.001", "0.7100"), ("0.01", "0.6400")]
 
 
+def test_runs_says_why_failed_and_killed_runs_ended(store, capsys):
+    assert main(["runs", "--tracking-uri", store, "--experiment", "ended"]) == 0
+    out = capsys.readouterr().out
+    table, why = out.split("\n\nwhy runs ended early:\n")
+    assert len(table.splitlines()) == 2 + 4  # header, column names, one row per run
+    lines = why.splitlines()
+    assert len(lines) == 2, lines  # a run without a recorded reason gets no line, nor does a finished one
+    assert lines[0].startswith("  spot (") and lines[0].endswith(") KILLED: SIGTERM to worker rank 1 on 10.0.0.2")
+    assert lines[1].endswith("FAILED: the weights became non-finite (NaN or inf) by step 2 (epoch 1; first: "
+                             "fc.weight)"), lines  # its first line only
+    assert main(["runs", "--tracking-uri", store, "--experiment", "cmp"]) == 0
+    assert "why runs ended early" not in capsys.readouterr().out
+
+
 def test_runs_user_errors_are_one_line(store, capsys, tmp_path):
     assert main(["runs", "--tracking-uri", store]) == 2  # two experiments with runs: which one?
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["pipeline runs: error: choose an experiment with --experiment NAME; this store has: cmp, other"]
+    assert err == ["pipeline runs: error: choose an experiment with --experiment NAME; this store has: cmp, ended, other"]
     assert main(["runs", "--tracking-uri", store, "--experiment", "cmp", "--sort", "train.epochs"]) == 2
     assert "cannot sort by 'train.epochs'" in capsys.readouterr().err
     assert main(["runs", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from pipeline.errors import UserError, first_line
+from pipeline.train.tracking_queue import END_REASON_TAG
 
 METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "train_images_per_s")
 HIGHER_IS_BETTER = ("val_top1", "val_top5", "train_images_per_s")
@@ -109,7 +110,17 @@ def runs_table(tracking_uri: str, experiment: str | None, sort: str | None = Non
     header = (f"experiment {exp.name}: {len(runs)} run(s)"
               f"{'' if len(runs) < limit else f' (the latest {limit}; --limit N for more)'}; "
               f"params that differ: {', '.join(params) or 'none'}")
-    return header + "\n" + format_table(rows, columns)
+    return header + "\n" + format_table(rows, columns) + _end_reasons(runs, [r["id"] for r in rows])
+
+
+def _end_reasons(runs: list, order: list[str]) -> str:
+    """Lines under the table: why each FAILED or KILLED run ended (its ``pipeline.end_reason``), in table order."""
+    reasons = {r.info.run_id[:8]: (r.info.run_name, r.info.status, r.data.tags.get(END_REASON_TAG))
+               for r in runs if r.info.status in ("FAILED", "KILLED")}
+    lines = [f"  {name} ({run_id}) {status}: {first_line(Exception(reason))[:240]}"
+             for run_id in order if run_id in reasons
+             for name, status, reason in [reasons[run_id]] if reason]
+    return "\n\nwhy runs ended early:\n" + "\n".join(lines) if lines else ""
 
 
 def _pick_experiment(client, name: str | None):

@@ -500,6 +500,8 @@ def _log_parent(client, parent_id: str, job: _Job, rows: list[dict[str, Any]], b
 
     import matplotlib.pyplot as plt
 
+    from pipeline.train.tracking_queue import END_REASON_TAG
+
     columns = ["trial", "status", *job.sweep.keys, *TABLE_METRICS, "run_id"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
@@ -515,7 +517,7 @@ def _log_parent(client, parent_id: str, job: _Job, rows: list[dict[str, Any]], b
         client.log_metric(parent_id, f"best_{job.sweep.metric}", float(best[job.sweep.metric]))
     client.set_tag(parent_id, "pipeline.failed_trials", str(len(errors)))
     if stopped:
-        client.set_tag(parent_id, "pipeline.end_reason", stopped)
+        client.set_tag(parent_id, END_REASON_TAG, stopped)
     client.set_terminated(parent_id, status="FAILED" if errors else "KILLED" if stopped else "FINISHED")
 
 

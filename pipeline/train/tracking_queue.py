@@ -47,6 +47,7 @@ SPOOL_DIRNAME = "tracking"
 JOB_FILE = "job.json"
 RECORDS = "records"
 RUN_KEY_TAG = "pipeline.run_key"
+END_REASON_TAG = "pipeline.end_reason"  # why a run ended FAILED or KILLED
 EPOCH_METRIC = "train_loss"  # every epoch logs it; its history says which epochs are done
 _OLD_EPOCH_FAMILY = "val_loss"  # what spooled epoch records were filed under before validation could skip epochs
 STEP_METRIC = "step_train_loss"
@@ -323,7 +324,7 @@ class MlflowSink:
 
     def _apply_end(self, rec: dict[str, Any]) -> None:
         if rec.get("reason"):
-            self.client.set_tag(self.run_id, "pipeline.end_reason", rec["reason"][:5000])
+            self.client.set_tag(self.run_id, END_REASON_TAG, rec["reason"][:5000])
         self.client.set_terminated(self.run_id, status=rec["status"], end_time=rec["ts"])
 
 

@@ -207,6 +207,12 @@ def test_a_divergence_record_round_trips_and_is_cleared(tmp_path):
     assert read_divergence(str(tmp_path)) is None
     clear_divergence(str(tmp_path))
     assert not (tmp_path / "DIVERGED").exists()
+    uri = (tmp_path / "on-a-uri").as_uri()  # file://: pyarrow's file system, as for s3:// storage
+    (tmp_path / "on-a-uri").mkdir()
+    record_divergence(uri, DivergedInLoop(7, 0, "conv.weight"))
+    assert read_divergence(uri)["global_step"] == 7 and (tmp_path / "on-a-uri" / "DIVERGED").is_file()
+    clear_divergence(uri)
+    assert read_divergence(uri) is None
 
 
 def test_a_checkpoint_request_is_served_once_and_training_goes_on(tmp_path):

@@ -115,11 +115,13 @@ def runs_table(tracking_uri: str, experiment: str | None, sort: str | None = Non
 
 def _end_reasons(runs: list, order: list[str]) -> str:
     """Lines under the table: why each FAILED or KILLED run ended (its ``pipeline.end_reason``), in table order."""
-    reasons = {r.info.run_id[:8]: (r.info.run_name, r.info.status, r.data.tags.get(END_REASON_TAG))
-               for r in runs if r.info.status in ("FAILED", "KILLED")}
-    lines = [f"  {name} ({run_id}) {status}: {first_line(Exception(reason))[:240]}"
-             for run_id in order if run_id in reasons
-             for name, status, reason in [reasons[run_id]] if reason]
+    by_id = {r.info.run_id[:8]: r for r in runs}
+    lines = []
+    for run_id in order:
+        run = by_id[run_id]
+        reason = (run.data.tags.get(END_REASON_TAG) or "").strip()
+        if run.info.status in ("FAILED", "KILLED") and reason:
+            lines.append(f"  {run.info.run_name} ({run_id}) {run.info.status}: {reason.splitlines()[0][:240]}")
     return "\n\nwhy runs ended early:\n" + "\n".join(lines) if lines else ""
 
 

@@ -8,7 +8,8 @@ loader position; rank 0 adds the model and optimizer, see
 ``pipeline.train.state``); rank 0 alone talks to MLflow. Validation sums (loss,
 top-1, top-5, confusion matrix) are all-reduced, so the figures cover the whole
 split exactly once: the loader pads the last batches with label -1, which every
-metric skips.
+metric skips. Weights that turn NaN or inf end the job before they are checkpointed
+(``pipeline.train.guard``).
 """
 
 from __future__ import annotations

@@ -468,6 +468,8 @@ def test_a_diverging_job_ends_failed_without_checkpointing_its_nan_weights(shard
     assert "by step 2 " in text and "the newest checkpoint, step 1, is from before it" in text, text
     checkpoints = sorted(c for c in (tmp_path / "ray_results" / "diverging").glob("checkpoint_*") if c.is_dir())
     assert checkpoints, "step 1 was checkpointed"
+    assert text.endswith(f"start a new run.name (--init-from {checkpoints[-1]} starts it from that checkpoint's "
+                         "weights)"), text
     for c in checkpoints:  # the NaN weights of step 2 were never written
         state = load_state(c)
         assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()), c

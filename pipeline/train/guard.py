@@ -92,14 +92,17 @@ def clear_divergence(storage_dir: str) -> None:
         pass
 
 
-def diverged_message(run_name: str, record: dict, newest_step: int) -> str:
+def diverged_message(run_name: str, record: dict, newest_step: int, newest_path: str | None = None) -> str:
     """The driver's one line for a job whose workers ended on ``DivergedInLoop``."""
     kept = (f"the newest checkpoint, step {newest_step}, is from before it"
             if newest_step >= 0 else "no checkpoint was written")
+    # The same run.name would resume the optimizer and schedule as they were, and diverge again.
+    again = (f"start a new run.name (--init-from {newest_path} starts it from that checkpoint's weights)"
+             if newest_step >= 0 and newest_path else "start a new run.name")
     return (f"training diverged: the weights of {run_name} became non-finite (NaN or inf) by step "
             f"{record['global_step']} (epoch {int(record.get('epoch', 0)) + 1}; first: {record.get('tensor', '?')}); "
             f"the job stopped without checkpointing them, {kept}, and its MLflow run is FAILED. Lower optim.lr, "
-            f"set optim.grad_clip or a longer optim.warmup_epochs, or train in bf16/fp32, and start a new run.name")
+            f"set optim.grad_clip or a longer optim.warmup_epochs, or train in bf16/fp32, and {again}")
 
 
 __all__ = ["Diverged", "DivergedInLoop", "clear_divergence", "diverged_message", "nonfinite", "read_divergence",

@@ -277,7 +277,7 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     from pipeline.train.loop import train_loop_per_worker
     from pipeline.train.preempt import clear_checkpoint_request, clear_stop, read_stop, stop_on_signals
     from pipeline.train.ray_output import quiet_ray_output
-    from pipeline.train.resume import newest_global_step, prune_unkept
+    from pipeline.train.resume import newest_complete, newest_global_step, prune_unkept
     from pipeline.train.topology import check_nodes, index_digest
     from pipeline.train.tracking import (default_artifact_location, find_job_run, job_run_id, resolve_tracking_uri,
                                          tracking_behind)
@@ -370,7 +370,8 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     prune_unkept(storage_dir, [c.path for c, _ in result.best_checkpoints or []])
     diverged = read_divergence(storage_dir)  # the workers ended the job on NaN/inf weights
     if diverged is not None:
-        raise Diverged(diverged_message(str(cfg.run.name), diverged, newest_global_step(storage_dir)))
+        newest = newest_complete(storage_dir) if local_storage else None  # a path --init-from reads
+        raise Diverged(diverged_message(str(cfg.run.name), diverged, newest_global_step(storage_dir), newest))
     # A stop asked for as the job was ending anyway is no stop: the last report says which it was.
     stopped = read_stop(storage_dir) if local_storage and result.metrics.get("stopped") else None
     # The run id from the job's tracking spool: no call to a tracking server that may be down.

@@ -449,6 +449,7 @@ def test_a_job_that_fills_its_disk_says_so_and_what_it_kept():
     assert "the newest complete checkpoint is step 5" in controller
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_every", [1, 50])  # found at the step's log line, or only before its checkpoint
 def test_a_diverging_job_ends_failed_without_checkpointing_its_nan_weights(shards, tmp_path, ray_local, log_every):
     """Adam at lr 1e30: step 1 leaves huge but finite weights (checkpointed), step 2 NaN ones. The job ends

@@ -441,11 +441,11 @@ _NO_SPACE = re.compile(r"No space left on device|Disk quota exceeded|\[Errno (28
 
 def _failed_line(cfg: TrainConfig, exc: Exception, newest_step: int, tracked: bool) -> str:
     """What the driver says when Ray Train gave up: the first failed rank's error, what is kept, what to do."""
+    failures = getattr(exc, "worker_failures", None) or {}
     what = _failure_text(exc)[:300]
-    cause = f"Ray Train gave up after {_failures(cfg)} ({what})" if getattr(exc, "worker_failures", None) else what
+    cause = f"Ray Train gave up after {_failures(cfg)} ({what})" if failures else what
     hint = ""
-    if _NO_SPACE.search(str(exc)) or any(_NO_SPACE.search(str(e)) for e in
-                                         (getattr(exc, "worker_failures", None) or {}).values()):
+    if any(_NO_SPACE.search(str(e)) for e in (exc, *failures.values())):
         hint = (f"; a disk is full: free space under run.storage_path ({cfg.run.storage_path}) or the workers' "
                 f"TMPDIR, or lower run.checkpoints_to_keep")
     kept = (f"the newest complete checkpoint is step {newest_step}: run the same command again to continue from it"

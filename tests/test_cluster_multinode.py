@@ -197,8 +197,6 @@ def _gone(pid: int) -> bool:
 def test_submit_script_ends_its_cli_on_sigterm_and_the_job_runs_on(cluster, shards, tmp_path):
     """SIGTERM to cluster/submit.sh (what a closed terminal or a batch scheduler sends) ends the Ray CLI and
     the script's output filter at once, as for a plain `ray job submit`; the job runs on, `ray job stop` stops it."""
-    env = {**cluster["env"], "RAY_AUTH_MODE": "token"}
-    address = ["--address", env["RAY_DASHBOARD"]]
     proc = _submit(cluster, tmp_path, "detach", f"data.shards={shards}", "train.epochs=500", wait=False)
     log = tmp_path / "detach.log"
     try:
@@ -214,16 +212,25 @@ def test_submit_script_ends_its_cli_on_sigterm_and_the_job_runs_on(cluster, shar
     _wait_for(lambda: all(_gone(pid) for pid in below), "the script's processes to exit", timeout=30)
     out = log.read_text()
     assert "Traceback" not in out, out[-3000:]
-    job = out.split("Job '", 1)[1].split("'", 1)[0]
-    status = subprocess.run([str(VENV_BIN / "ray"), "job", "status", *address, job], env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert "running" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr
-    stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", *address, job], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert stop.returncode == 0, stop.stdout + stop.stderr
-    status = subprocess.run([str(VENV_BIN / "ray"), "job", "status", *address, job], env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert "was stopped" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr
+    status = _ray_job(cluster, "status", out)
+    assert "running" in status.lower(), status
+    _stop_job(cluster, out)
+    status = _ray_job(cluster, "status", out)
+    assert "was stopped" in status.lower(), status
+
+
+def _ray_job(cluster, command: str, log: str, timeout: float = 120) -> str:
+    """``ray job COMMAND <id>`` for the job whose submission printed ``log``; its output."""
+    job = log.split("Job '", 1)[1].split("'", 1)[0]
+    done = subprocess.run([str(VENV_BIN / "ray"), "job", command, "--address", cluster["env"]["RAY_DASHBOARD"], job],
+                          env={**cluster["env"], "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def _stop_job(cluster, log: str) -> None:
+    _ray_job(cluster, "stop", log, timeout=300)
 
 
 def _tar_keys(shards: Path, split: dict) -> set[str]:
@@ -274,10 +281,13 @@ def _history(cluster, experiment: str, key: str) -> list[float]:
     return [v for _, v in _epoch_history(client, runs[0].info.run_id, key)] if runs else []
 
 
-def _lose_node_mid_run(cluster, tmp_path: Path, run: str, epochs: int, *sets: str, shrink: bool) -> None:
+def _lose_node_mid_run(cluster, tmp_path: Path, run: str, epochs: int, *sets: str, shrink: bool,
+                       stop_when=None) -> None:
     """Kill worker node 1 after the first epoch; restart it at once, or once the job runs on with one worker.
 
     The job's progress is read from its MLflow run (the tracking server), as a user would watch it.
+    With ``stop_when``, the job is stopped with ``ray job stop`` once that holds, as a user would end
+    a job that has shown what they waited for; otherwise it runs to its last epoch.
     """
     proc = _submit(cluster, tmp_path, run, f"train.epochs={epochs}", *sets, wait=False)
     try:
@@ -289,6 +299,9 @@ def _lose_node_mid_run(cluster, tmp_path: Path, run: str, epochs: int, *sets: st
                           proc=proc)
         finally:
             _sh(cluster, "start", "1")  # the next test needs the node, whatever happened here
+        if stop_when is not None:
+            _wait_for(stop_when, "the job to show what the test waits for", proc=proc)
+            _stop_job(cluster, (tmp_path / f"{run}.log").read_text())
         proc.wait(timeout=JOB_TIMEOUT_S)
     finally:
         if proc.poll() is None:
@@ -301,10 +314,12 @@ def _lose_node_mid_run(cluster, tmp_path: Path, run: str, epochs: int, *sets: st
     assert "\x1b[" not in out, out[-4000:]  # Ray's prefixes of its processes' lines, uncoloured in a log
 
 
-def _assert_one_run_every_epoch_once(cluster, experiment: str, epochs: int):
+def _assert_one_run_every_epoch_once(cluster, experiment: str, epochs: int | None = None):
+    """The job's one MLflow run, with epochs 1..N each logged once (N = ``epochs`` where given)."""
     client, run = _mlflow_run(cluster, experiment)
     history = _epoch_history(client, run.info.run_id, "train_loss")
-    assert [step for step, _ in history] == list(range(1, epochs + 1)), "an epoch missing or logged twice"
+    steps = [step for step, _ in history]
+    assert steps == list(range(1, (epochs or len(steps)) + 1)), f"an epoch missing or logged twice: {steps}"
     return client, run
 
 
@@ -316,15 +331,22 @@ def _restarts(run) -> list[int]:
 
 def test_elastic_job_shrinks_on_node_loss_and_grows_back(cluster, shards, tmp_path):
     # Enough epochs that the group grows back before the end, even on a loaded machine where the
-    # node takes a minute to rejoin (an epoch here takes 1-3 s; two runs regrew at epochs 11 and 15).
+    # node takes a minute to rejoin (an epoch here takes 1-3 s; runs regrew at epochs 11 and 15);
+    # once an epoch has run on the regrown group the job is stopped with `ray job stop`.
     # Until Ray marks the lost node dead it counts its CPU, so the first restart may ask for 2
     # workers and wait in vain: 15 s, not Ray's 60.
-    epochs = 45
-    _lose_node_mid_run(cluster, tmp_path, "elastic", epochs, f"data.shards={shards}", "scaling.min_workers=1",
-                       "scaling.resize_check_s=3", "scaling.group_start_timeout_s=15", shrink=True)
+    def regrown() -> bool:
+        sizes = _history(cluster, "elastic", "world_size")
+        return 1.0 in sizes and sizes[-1] == 2.0  # the last epoch came after a 1-worker one
+
+    _lose_node_mid_run(cluster, tmp_path, "elastic", 60, f"data.shards={shards}", "scaling.min_workers=1",
+                       "scaling.resize_check_s=3", "scaling.group_start_timeout_s=15", shrink=True,
+                       stop_when=regrown)
     out = (tmp_path / "elastic.log").read_text()
     assert "timed out after 60" not in out, out[-4000:]  # the config's 15 s reached Ray Train's controller
-    client, run = _assert_one_run_every_epoch_once(cluster, "elastic", epochs)
+    assert "was stopped" in out, out[-4000:]  # it ended by `ray job stop`, not by running out of epochs
+    client, run = _assert_one_run_every_epoch_once(cluster, "elastic")
+    assert run.info.status == "KILLED", run.info.status
     sizes = [int(v) for _, v in _epoch_history(client, run.info.run_id, "world_size")]
     assert sizes[0] == 2 and 1 in sizes, sizes
     assert sizes[-1] == 2 and sizes.index(1) < len(sizes) - 1 - sizes[::-1].index(1), f"no regrowth: {sizes}"

@@ -39,6 +39,24 @@ def test_probe_names_what_a_node_cannot_see(shard_dir, tmp_path):
     assert f"cannot read {tar}" in probe(str(partial), digest, str(tmp_path))
 
 
+def test_probe_names_a_shard_cut_short_or_written_over(shard_dir, tmp_path):
+    # A node's copy of the shards that an interrupted sync left short: found at start, not by the loader
+    # hours into the job (where DALI may take the rank's process down with it).
+    digest = index_digest(shard_dir)
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    tar = sorted(copy.glob("*.tar"))[-1]
+    listed = tar.stat().st_size
+    with open(tar, "r+b") as f:
+        f.truncate(listed - 512)
+    problem = probe(str(copy), digest, str(tmp_path / "results"))
+    assert problem == (f"{tar} is {listed - 512:,} bytes where {copy / 'index.json'} lists {listed:,}: an incomplete "
+                       f"or changed copy (`pipeline verify {copy}` checks every shard)"), problem
+    with open(tar, "ab") as f:
+        f.write(b"\0" * 1024)  # longer than listed: written over by something else
+    assert f"is {listed + 512:,} bytes where" in probe(str(copy), digest, str(tmp_path / "results"))
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
 def test_probe_reports_storage_it_cannot_write(shard_dir, tmp_path):
     ro = tmp_path / "ro"

@@ -32,7 +32,8 @@ def index_digest(shards: Path) -> str:
 
 
 def probe(shards: str, index_sha256: str, storage: str) -> str | None:
-    """On this node: None if the shards are readable and identical and ``storage`` is writable, else the problem."""
+    """On this node: None if it sees the planned ``index.json``, every shard it lists is readable and of the
+    listed size, and ``storage`` is writable; else the problem."""
     index = Path(shards) / "index.json"
     try:
         data = index.read_bytes()
@@ -48,6 +49,9 @@ def probe(shards: str, index_sha256: str, storage: str) -> str | None:
             for name in (shard["tar"], shard["index"]):
                 if not os.access(Path(shards) / name, os.R_OK):
                     return f"cannot read {Path(shards) / name}, listed in {index}"
+            problem = _size_problem(Path(shards) / shard["tar"], shard.get("bytes"), index)
+            if problem:
+                return problem
     if is_uri(storage):
         return None  # object storage: Ray Train's own client reports access errors
     try:
@@ -57,6 +61,22 @@ def probe(shards: str, index_sha256: str, storage: str) -> str | None:
     except OSError as exc:
         return f"cannot write to run.storage_path {storage}: {exc.strerror or exc}"
     return None
+
+
+def _size_problem(tar: Path, listed: int | None, index: Path) -> str | None:
+    """A shard whose size is not the one ``index.json`` lists: a copy cut short (a node's local copy
+    of the shards, an interrupted sync) or a file written over. One ``stat`` per shard, so the check
+    runs at every start; the contents are ``pipeline verify``'s (a sha256 of every byte)."""
+    if listed is None:
+        return None
+    try:
+        size = tar.stat().st_size
+    except OSError as exc:
+        return f"cannot read {tar}: {exc.strerror or exc}"
+    if size == listed:
+        return None
+    return (f"{tar} is {size:,} bytes where {index} lists {listed:,}: an incomplete or changed copy "
+            f"(`pipeline verify {tar.parent}` checks every shard)")
 
 
 def check_nodes(shards: Path, index_sha256: str, storage: str) -> int:

@@ -280,3 +280,50 @@ def test_training_goes_on_when_the_dashboard_dies_and_the_cleaners_warning_shows
     assert console.count("Failed to query Ray Train Controller actor state") == 1, console
     assert console.count(REPEAT_NOTE) == 1, console
     assert "[pipeline] epoch 4/4: train_loss" in console and "test accuracy (val split)" in console
+
+
+# What a rank's process prints when DALI's decoder takes it down (Ray's fatal-signal handler), and the
+# text of the error Ray Train gives the driver for it: a failed health check, from a real run.
+CRASH_DUMP = ["\x1b[0;31m[ERROR] \x1b[0m[png_parser] Unexpected bitdepth: ",
+              "*** SIGSEGV received at time=1796312739 on cpu 0 ***",
+              "PC: @     0x7f8571e703ab  (unknown)  dali::imgcodec::ImageDecoder<>::RunImplImpl()::{lambda()#1}::"
+              "operator()()",
+              "    @     0x7f8854e5a050  (unknown)  (unknown)",
+              "[2026-12-03 15:45:39,567 E 4184 4380] logging.cc:474: *** SIGSEGV received at time=1796312739 on cpu 0 ***",
+              "Fatal Python error: Segmentation fault"]
+DIED = ("Worker info: Worker(\n  actor=Actor(RayTrainWorker, 9ae2a44249145ec05b6f254e01000000),\n  metadata=ActorMetadata("
+        "\n    hostname='vm',\n    node_id='4f79',\n    node_ip='{ip}',\n    pid={pid},\n  ),\n)\nThe actor died "
+        "unexpectedly before finishing this task.\n\tclass_name: RayTrainWorker\n\tpid: {pid}\n\tip: {ip}\nThe actor is "
+        "dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker "
+        "unexpectedly exits with a connection error code 2. End of file.")
+
+
+def test_a_rank_whose_process_crashed_is_named_with_its_signal_and_where_it_struck():
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from pipeline.train.config import load_config
+    from pipeline.train.launch import _failed_line
+
+    def failed(ip: str, pid: int) -> WorkerGroupError:
+        return WorkerGroupError("", {1: RuntimeError("Connection reset by peer"), 0: WorkerHealthCheckFailedError(
+            "A worker health check failed.", RuntimeError(DIED.format(ip=ip, pid=pid)))})
+
+    cfg = load_config("fashion_mnist", ["run.name=r", "data.shards=/data/fm", "run.max_failures=0"])
+    dispatcher.add_handler("ray_print_logs", lambda batch: None)
+    try:
+        assert quiet_ray_output() is not None
+        dispatcher.emit({"ip": "127.0.0.4", "pid": 4184, "is_err": True, "lines": CRASH_DUMP})
+        line = _failed_line(cfg, failed("127.0.0.4", 4184), -1, tracked=True)
+        assert line.startswith("job r failed: Ray Train gave up after 1 failure (run.max_failures=0) (rank 0: its "
+                               "process (pid 4184 on 127.0.0.4) died: SIGSEGV in "
+                               "dali::imgcodec::ImageDecoder<>::RunImplImpl); a corrupt image can crash DALI: "
+                               "`pipeline verify --decode /data/fm` names it; no checkpoint was written"), line
+        # A process whose dump this driver did not see (--verbose, another driver): Ray's exit type.
+        other = _failed_line(cfg, failed("127.0.0.5", 4184), -1, tracked=True)
+        assert "(rank 0: its process (pid 4184 on 127.0.0.5) died: Ray's exit type SYSTEM_ERROR: a crash such as " \
+               "SIGSEGV, or the OOM killer; its last lines say which); no checkpoint" in other, other
+        assert "verify" not in other
+    finally:
+        dispatcher.remove_handler("ray_print_logs")

@@ -424,12 +424,33 @@ def _failures(cfg: TrainConfig) -> str:
     return f"{n} failure{'s' if n > 1 else ''} (run.max_failures={cfg.run.max_failures})"
 
 
+_PROCESS_DIED = re.compile(r"worker process has died\. Worker exit type: (\w+)")
+
+
+def _rank_error(error: Exception) -> str:
+    """A rank's error in a line; for a rank whose process died (Ray's health check found it gone), how it died.
+
+    Ray says only "A worker health check failed." and, further down, an exit type; the fatal signal
+    and the function it struck in are in the dump the process printed, which ``ray_output`` noted.
+    """
+    text = str(error)
+    died = _PROCESS_DIED.search(text)
+    pid, ip = re.search(r"\bpid=(\d+)", text), re.search(r"\bnode_ip='([^']+)'", text)
+    if not (died and pid and ip):
+        return ANSI_COLOUR.sub("", described(error))
+    from pipeline.train.ray_output import crash_of
+
+    how = crash_of(ip.group(1), pid.group(1)) or \
+        f"Ray's exit type {died.group(1)}: a crash such as SIGSEGV, or the OOM killer; its last lines say which"
+    return f"its process (pid {pid.group(1)} on {ip.group(1)}) died: {how}"
+
+
 def _failure_text(exc: Exception) -> str:
     """The first failed rank's own error, or the controller's (Ray's wrappers only say which of them failed)."""
     failures = getattr(exc, "worker_failures", None) or {}
     if failures:
         rank, error = min(failures.items(), key=lambda item: str(item[0]))
-        return f"rank {rank}: {ANSI_COLOUR.sub('', described(error))}"
+        return f"rank {rank}: {_rank_error(error)}"
     controller = getattr(exc, "controller_failure", None)
     if controller is not None:
         return f"Ray Train's controller: {ANSI_COLOUR.sub('', described(controller))}"
@@ -448,6 +469,8 @@ def _failed_line(cfg: TrainConfig, exc: Exception, newest_step: int, tracked: bo
     if any(_NO_SPACE.search(str(e)) for e in (exc, *failures.values())):
         hint = (f"; a disk is full: free space under run.storage_path ({cfg.run.storage_path}) or the workers' "
                 f"TMPDIR, or lower run.checkpoints_to_keep")
+    elif " in dali::" in what:  # DALI's decoders may crash on corrupt image data rather than raise
+        hint = f"; a corrupt image can crash DALI: `pipeline verify --decode {cfg.data.shards}` names it"
     kept = (f"the newest complete checkpoint is step {newest_step}: run the same command again to continue from it"
             if newest_step >= 0 else "no checkpoint was written")
     return (f"job {cfg.run.name} failed: {cause}{hint}; {kept}"

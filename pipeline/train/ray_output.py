@@ -164,12 +164,41 @@ def quiet_ray_output() -> tuple[TracebackFolder, RepeatLimiter] | None:
     return filters
 
 
+_FATAL_SIGNAL = re.compile(r"^\*\*\* (SIG[A-Z]+) received at time=")  # Ray's handler of a fatal signal, first line
+_CRASH_PC = re.compile(r"^PC: @\s+0x[0-9a-fA-F]+\s+\S+\s+(\S.*)$")  # its next: the function that faulted
+_crashes: dict[tuple[str, str], str] = {}  # (node ip, pid) -> "SIGSEGV in dali::imgcodec::ImageDecoder<>::…"
+
+
+def _note_crash(ip: Any, pid: Any, lines: list[str]) -> None:
+    """Remember a process's fatal signal and where it struck, from the dump Ray's signal handler prints."""
+    key = (str(ip), str(pid))
+    for line in lines:
+        line = line.strip()
+        fatal = _FATAL_SIGNAL.match(line)
+        if fatal and key not in _crashes:
+            _crashes[key] = fatal.group(1)
+            continue
+        pc = _CRASH_PC.match(line)
+        if pc and key in _crashes and " in " not in _crashes[key] and not pc.group(1).startswith("(unknown)"):
+            _crashes[key] += f" in {pc.group(1).split('(', 1)[0]}"
+
+
+def crash_of(ip: str, pid: int | str) -> str | None:
+    """The fatal signal a Ray process on ``ip`` with ``pid`` printed, and where (``SIGSEGV in dali::…``), if it did.
+
+    Known where this driver shows Ray's forwarded output through ``quiet_ray_output`` (not with ``--verbose``).
+    """
+    return _crashes.get((str(ip), str(pid)))
+
+
 def _filtered(folder: TracebackFolder, limiter: RepeatLimiter,
               print_batch: Callable[[dict], None]) -> Callable[[dict], None]:
     def handle(batch: dict) -> None:
         if batch.get("pid") == "autoscaler":  # its status report, of which Ray shows only event lines itself
             print_batch(batch)
             return
+        if batch.get("is_err"):
+            _note_crash(batch.get("ip"), batch.get("pid"), batch.get("lines") or [])
         folded, held = folder.folded, limiter.held
         source = (batch.get("ip"), batch.get("pid"), batch.get("is_err"))
         lines = [shown for line in folder.fold(source, batch.get("lines") or [])
@@ -183,4 +212,4 @@ def _filtered(folder: TracebackFolder, limiter: RepeatLimiter,
     return handle
 
 
-__all__ = ["FOLD_NOTE", "REPEAT_NOTE", "RepeatLimiter", "TracebackFolder", "quiet_ray_output"]
+__all__ = ["FOLD_NOTE", "REPEAT_NOTE", "RepeatLimiter", "TracebackFolder", "crash_of", "quiet_ray_output"]

@@ -290,7 +290,11 @@ CRASH_DUMP = ["\x1b[0;31m[ERROR] \x1b[0m[png_parser] Unexpected bitdepth: ",
               "operator()()",
               "    @     0x7f8854e5a050  (unknown)  (unknown)",
               "[2026-12-03 15:45:39,567 E 4184 4380] logging.cc:474: *** SIGSEGV received at time=1796312739 on cpu 0 ***",
-              "Fatal Python error: Segmentation fault"]
+              "[2026-12-03 15:45:39,567 E 4184 4380] logging.cc:474:     @     0x7f8854e5a050  (unknown)  (unknown)",
+              "Fatal Python error: Segmentation fault",
+              "",
+              "Extension modules: msgpack._cmsgpack, google._upb._message, psutil._psutil_linux, yaml._yaml, "
+              "ray._raylet, numpy._core._multiarray_umath, torch._C (total: 90)"]
 DIED = ("Worker info: Worker(\n  actor=Actor(RayTrainWorker, 9ae2a44249145ec05b6f254e01000000),\n  metadata=ActorMetadata("
         "\n    hostname='vm',\n    node_id='4f79',\n    node_ip='{ip}',\n    pid={pid},\n  ),\n)\nThe actor died "
         "unexpectedly before finishing this task.\n\tclass_name: RayTrainWorker\n\tpid: {pid}\n\tip: {ip}\nThe actor is "
@@ -311,10 +315,13 @@ def test_a_rank_whose_process_crashed_is_named_with_its_signal_and_where_it_stru
             "A worker health check failed.", RuntimeError(DIED.format(ip=ip, pid=pid)))})
 
     cfg = load_config("fashion_mnist", ["run.name=r", "data.shards=/data/fm", "run.max_failures=0"])
-    dispatcher.add_handler("ray_print_logs", lambda batch: None)
+    printed: list[str] = []
+    dispatcher.add_handler("ray_print_logs", lambda batch: printed.extend(batch["lines"]))
     try:
         assert quiet_ray_output() is not None
         dispatcher.emit({"ip": "127.0.0.4", "pid": 4184, "is_err": True, "lines": CRASH_DUMP})
+        # The handler's own lines stay; their copy in Ray's C++ log format and the module list do not.
+        assert printed == CRASH_DUMP[:4] + CRASH_DUMP[6:8], printed
         line = _failed_line(cfg, failed("127.0.0.4", 4184), -1, tracked=True)
         assert line.startswith("job r failed: Ray Train gave up after 1 failure (run.max_failures=0) (rank 0: its "
                                "process (pid 4184 on 127.0.0.4) died: SIGSEGV in "

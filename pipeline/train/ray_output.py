@@ -22,6 +22,11 @@ SIGTERM handler raises ``SystemExit`` wherever the process happens to be, and in
 garbage-collection callback Python reports that as "Exception ignored in: …" with a traceback
 through ``sigterm_handler``. That is the actor's intended exit, not a fault: it is left out whole.
 
+A crash dump (a rank's process killed by SIGSEGV, say in DALI's decoder) keeps the lines Ray's
+signal handler prints, which name the signal and the function it struck in (``crash_of`` keeps
+them for the driver's failure line), and loses their copy in Ray's C++ log format and Python's
+list of loaded extension modules: 3 lines and one of some thousand characters per crash.
+
 Each of the first two says so once on the console when it first acts. Unless ``--verbose``; the
 session logs on every node keep everything, and ``--verbose`` prints it here too.
 """
@@ -167,6 +172,9 @@ def quiet_ray_output() -> tuple[TracebackFolder, RepeatLimiter] | None:
 _FATAL_SIGNAL = re.compile(r"^\*\*\* (SIG[A-Z]+) received at time=")  # Ray's handler of a fatal signal, first line
 _CRASH_PC = re.compile(r"^PC: @\s+0x[0-9a-fA-F]+\s+\S+\s+(\S.*)$")  # its next: the function that faulted
 _crashes: dict[tuple[str, str], str] = {}  # (node ip, pid) -> "SIGSEGV in dali::imgcodec::ImageDecoder<>::…"
+# The rest of a crash dump, left out: Ray's C++ log repeating the handler's lines with its own prefix, and
+# Python's faulthandler list of every extension module loaded (one line of some thousand characters).
+_CRASH_REPEATS = re.compile(r"^(Extension modules: |\[\d{4}-\d\d-\d\d [\d:,]+ [EF] \d+ \d+\] logging\.cc:\d+: )")
 
 
 def _note_crash(ip: Any, pid: Any, lines: list[str]) -> None:
@@ -197,11 +205,13 @@ def _filtered(folder: TracebackFolder, limiter: RepeatLimiter,
         if batch.get("pid") == "autoscaler":  # its status report, of which Ray shows only event lines itself
             print_batch(batch)
             return
+        given = batch.get("lines") or []
         if batch.get("is_err"):
-            _note_crash(batch.get("ip"), batch.get("pid"), batch.get("lines") or [])
+            _note_crash(batch.get("ip"), batch.get("pid"), given)
+            given = [line for line in given if not _CRASH_REPEATS.match(line)]
         folded, held = folder.folded, limiter.held
         source = (batch.get("ip"), batch.get("pid"), batch.get("is_err"))
-        lines = [shown for line in folder.fold(source, batch.get("lines") or [])
+        lines = [shown for line in folder.fold(source, given)
                  if (shown := limiter.admit(source, line)) is not None]
         if lines:
             print_batch({**batch, "lines": lines})

@@ -76,6 +76,13 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
 _SHARD_FIELDS = {"tar": str, "index": str, "samples": int, "bytes": int, "sha256": str}
 
 
+def size_mismatch(shard_dir: str | Path, shard: dict[str, Any]) -> int | None:
+    """The size of ``shard``'s tar when it is not the ``bytes`` index.json lists (cut short or written
+    over), else None. One ``stat``: cheap enough for every start; the contents are a sha256's job."""
+    size = (Path(shard_dir) / shard["tar"]).stat().st_size
+    return None if size == shard["bytes"] else size
+
+
 def _structure_problem(manifest: dict[str, Any]) -> str | None:
     """The first way ``manifest`` differs from what ``build_manifest`` writes, or None.
 

@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 
 from pipeline.shard.executors import process_pool
-from pipeline.shard.manifest import read_manifest
+from pipeline.shard.manifest import read_manifest, size_mismatch
 from pipeline.shard.write import idx_text
 
 IMAGE_EXTS = ("jpg", "png")
@@ -71,8 +71,8 @@ def verify_shard(out_dir: Path, shard: dict[str, Any], num_classes: int, *, deco
     if not tar_path.is_file():
         return 0, ["missing"]
     problems = []
-    size = tar_path.stat().st_size
-    if size != shard["bytes"]:
+    size = size_mismatch(out_dir, shard)
+    if size is not None:
         problems.append(f"size {size} bytes, index.json says {shard['bytes']} (truncated or replaced)")
     if sha256_file(tar_path) != shard["sha256"]:
         problems.append("sha256 does not match index.json (corrupted)")

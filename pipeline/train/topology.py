@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.errors import ANSI_COLOUR, UserError, described, first_line
 from pipeline.fileio import is_uri
+from pipeline.shard.manifest import size_mismatch
 
 PROBE_TIMEOUT_S = 180.0  # a node that cannot start a task in this time is as good as missing
 
@@ -49,9 +50,10 @@ def probe(shards: str, index_sha256: str, storage: str) -> str | None:
             for name in (shard["tar"], shard["index"]):
                 if not os.access(Path(shards) / name, os.R_OK):
                     return f"cannot read {Path(shards) / name}, listed in {index}"
-            problem = _size_problem(Path(shards) / shard["tar"], shard.get("bytes"), index)
-            if problem:
-                return problem
+            size = size_mismatch(shards, shard)  # a copy an interrupted sync left short, or one written over
+            if size is not None:
+                return (f"{Path(shards) / shard['tar']} is {size:,} bytes where {index} lists {shard['bytes']:,}: "
+                        f"an incomplete or changed copy (`pipeline verify {shards}` checks every shard)")
     if is_uri(storage):
         return None  # object storage: Ray Train's own client reports access errors
     try:
@@ -61,22 +63,6 @@ def probe(shards: str, index_sha256: str, storage: str) -> str | None:
     except OSError as exc:
         return f"cannot write to run.storage_path {storage}: {exc.strerror or exc}"
     return None
-
-
-def _size_problem(tar: Path, listed: int | None, index: Path) -> str | None:
-    """A shard whose size is not the one ``index.json`` lists: a copy cut short (a node's local copy
-    of the shards, an interrupted sync) or a file written over. One ``stat`` per shard, so the check
-    runs at every start; the contents are ``pipeline verify``'s (a sha256 of every byte)."""
-    if listed is None:
-        return None
-    try:
-        size = tar.stat().st_size
-    except OSError as exc:
-        return f"cannot read {tar}: {exc.strerror or exc}"
-    if size == listed:
-        return None
-    return (f"{tar} is {size:,} bytes where {index} lists {listed:,}: an incomplete or changed copy "
-            f"(`pipeline verify {tar.parent}` checks every shard)")
 
 
 def check_nodes(shards: Path, index_sha256: str, storage: str) -> int:

@@ -36,9 +36,9 @@ def _checkpoint(work, tmp_path, name="ckpt"):
     return shutil.copytree(work / "good", tmp_path / name)
 
 
-def _evaluate_error(work, capsys, model: str) -> str:
+def _evaluate_error(work, capsys, model: str, shards=None, backend="torch") -> str:
     """The one stderr line of a failing ``pipeline evaluate`` (exit 2, nothing on stdout)."""
-    assert main(["evaluate", "--model", model, "--shards", str(work / "shards"), "--backend", "torch",
+    assert main(["evaluate", "--model", model, "--shards", str(shards or work / "shards"), "--backend", backend,
                  "--device", "cpu"]) == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
@@ -101,3 +101,17 @@ def test_mlflow_model_without_a_store_creates_none(work, tmp_path, capsys, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'nodir' / 'mlflow.db'}")
     assert "no MLflow store at" in _evaluate_error(work, capsys, model)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the database nor its directory
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_a_shard_copy_cut_short_is_named_before_any_decoding(work, tmp_path, capsys, backend):
+    # An interrupted copy of the shards: the size index.json lists is checked by every loader (as by each
+    # node's probe before training), so the line names the file, not DALI's "offset is outside the archive".
+    copy = shutil.copytree(work / "shards", tmp_path / "copy")
+    tar = copy / json.loads((copy / "index.json").read_text())["splits"]["val"]["shards"][0]["tar"]
+    listed = tar.stat().st_size
+    with open(tar, "r+b") as f:
+        f.truncate(listed - 512)
+    line = _evaluate_error(work, capsys, str(work / "good"), shards=copy, backend=backend)
+    assert line == (f"pipeline evaluate: error: {tar} is {listed - 512:,} bytes where {copy / 'index.json'} lists "
+                    f"{listed:,}: an incomplete or changed copy (`pipeline verify {copy}` checks every shard)"), line

@@ -33,6 +33,7 @@ import numpy as np
 from pipeline.data.coverage import Coverage
 from pipeline.data.presets import Preset
 from pipeline.errors import UserError
+from pipeline.shard.manifest import size_problem
 
 PAD_LABEL = -1  # val padding: cross-entropy ignore_index and metric masks skip it
 # Train shuffle window in samples: DALI's reader buffer (initial_fill) and the torch fallback's alike.
@@ -127,10 +128,13 @@ def plan_split(shard_dir: Path, manifest: dict[str, Any], split: str, *, rank: i
     if num_samples < world_size:
         raise UserError(f"split {split!r} of {shard_dir} has {num_samples} samples, fewer than "
                         f"world_size={world_size}: every rank needs at least one")
-    for s in shards:
-        for p in (s.tar, s.index):
+    for listed in (s for s in entry["shards"] if int(s["samples"]) > 0):
+        for p in (shard_dir / listed["tar"], shard_dir / listed["index"]):
             if not p.is_file():
                 raise UserError(f"{p} is listed in {shard_dir}/index.json but missing: run `pipeline verify {shard_dir}`")
+        problem = size_problem(shard_dir, listed)  # one stat: a cut-short copy is named here, not by the decoder
+        if problem:
+            raise UserError(problem)
     return SplitPlan(shards=shards, num_samples=num_samples, rank=rank, world_size=world_size,
                      batch_size=batch_size)
 

@@ -83,6 +83,16 @@ def size_mismatch(shard_dir: str | Path, shard: dict[str, Any]) -> int | None:
     return None if size == shard["bytes"] else size
 
 
+def size_problem(shard_dir: str | Path, shard: dict[str, Any]) -> str | None:
+    """``size_mismatch`` as the one line that every reader of the shards (each node's probe, each loader) gives."""
+    size = size_mismatch(shard_dir, shard)
+    if size is None:
+        return None
+    index = Path(shard_dir) / "index.json"
+    return (f"{Path(shard_dir) / shard['tar']} is {size:,} bytes where {index} lists {shard['bytes']:,}: "
+            f"an incomplete or changed copy (`pipeline verify {shard_dir}` checks every shard)")
+
+
 def _structure_problem(manifest: dict[str, Any]) -> str | None:
     """The first way ``manifest`` differs from what ``build_manifest`` writes, or None.
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.errors import ANSI_COLOUR, UserError, described, first_line
 from pipeline.fileio import is_uri
-from pipeline.shard.manifest import size_mismatch
+from pipeline.shard.manifest import size_problem
 
 PROBE_TIMEOUT_S = 180.0  # a node that cannot start a task in this time is as good as missing
 
@@ -50,10 +50,9 @@ def probe(shards: str, index_sha256: str, storage: str) -> str | None:
             for name in (shard["tar"], shard["index"]):
                 if not os.access(Path(shards) / name, os.R_OK):
                     return f"cannot read {Path(shards) / name}, listed in {index}"
-            size = size_mismatch(shards, shard)  # a copy an interrupted sync left short, or one written over
-            if size is not None:
-                return (f"{Path(shards) / shard['tar']} is {size:,} bytes where {index} lists {shard['bytes']:,}: "
-                        f"an incomplete or changed copy (`pipeline verify {shards}` checks every shard)")
+            problem = size_problem(shards, shard)  # a copy an interrupted sync left short, or one written over
+            if problem:
+                return problem
     if is_uri(storage):
         return None  # object storage: Ray Train's own client reports access errors
     try:

@@ -334,3 +334,26 @@ def test_a_rank_whose_process_crashed_is_named_with_its_signal_and_where_it_stru
         assert "verify" not in other
     finally:
         dispatcher.remove_handler("ray_print_logs")
+
+
+GLOO_PEER_LOST = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:9350: "
+                  "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the "
+                  "application.")  # what rank 0 raised when rank 1's process died under it, in a real run
+
+
+def test_the_rank_that_caused_a_failure_is_named_not_the_peer_that_lost_it():
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from pipeline.train.launch import _failure_text
+
+    died = WorkerHealthCheckFailedError("A worker health check failed.",
+                                        RuntimeError(DIED.format(ip="127.0.0.2", pid=20650)))
+    # Ray Train lists both ranks; the lower one only lost its connection to the one whose process died.
+    text = _failure_text(WorkerGroupError("", {0: RuntimeError(GLOO_PEER_LOST), 1: died}))
+    assert text.startswith("rank 1: its process (pid 20650 on 127.0.0.2) died: Ray's exit type SYSTEM_ERROR"), text
+    # A rank's own error comes before a peer's lost connection; then the lowest rank, counted as a number.
+    text = _failure_text(WorkerGroupError("", {0: RuntimeError(GLOO_PEER_LOST), 3: ValueError("bad label 12")}))
+    assert text == "rank 3: ValueError: bad label 12", text
+    text = _failure_text(WorkerGroupError("", {10: ValueError("late"), 2: ValueError("early")}))
+    assert text == "rank 2: ValueError: early", text

@@ -445,11 +445,29 @@ def _rank_error(error: Exception) -> str:
     return f"its process (pid {pid.group(1)} on {ip.group(1)}) died: {how}"
 
 
+# A rank's collective that lost its peer: what the surviving ranks raise when another rank's process or node died.
+_PEER_LOST = re.compile(r"gloo/transport|Connection (reset|closed) by peer|Broken pipe|NCCL communicator was aborted|"
+                        r"remote process exited|DistNetworkError")
+
+
+def _first_failure(failures: dict) -> tuple[Any, Exception]:
+    """The failed rank whose error is the cause: a rank whose process died before one whose collective only lost
+    that peer (which Ray Train also lists, often under a lower rank), then the lowest rank."""
+    def order(item: tuple[Any, Exception]) -> tuple[int, int, str]:
+        rank, error = item
+        text = str(error)
+        kind = 0 if _PROCESS_DIED.search(text) else 2 if _PEER_LOST.search(text) else 1
+        return kind, int(rank) if str(rank).isdigit() else 0, str(rank)
+
+    return min(failures.items(), key=order)
+
+
 def _failure_text(exc: Exception) -> str:
-    """The first failed rank's own error, or the controller's (Ray's wrappers only say which of them failed)."""
+    """The failed rank's own error that caused the rest (``_first_failure``), or the controller's (Ray's wrappers
+    only say which of them failed)."""
     failures = getattr(exc, "worker_failures", None) or {}
     if failures:
-        rank, error = min(failures.items(), key=lambda item: str(item[0]))
+        rank, error = _first_failure(failures)
         return f"rank {rank}: {_rank_error(error)}"
     controller = getattr(exc, "controller_failure", None)
     if controller is not None:

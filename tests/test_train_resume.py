@@ -367,16 +367,18 @@ def test_a_failing_job_leaves_its_run_failed(shards, tmp_path, ray_local, capsys
     start = data.index(b"\x89PNG")
     data[start + 16:start + 400] = b"\0" * 384  # a PNG that no longer decodes, at its verified offset
     tar.write_bytes(bytes(data))
-    overrides = _overrides(broken, tmp_path, "failing") + ["run.max_failures=0"]
+    # No step checkpoints: a job that checkpointed before its fault would start again once (a test of its own).
+    overrides = _overrides(broken, tmp_path, "failing") + ["run.max_failures=0", "run.checkpoint_every_steps=null"]
     capsys.readouterr()
     assert main(["train", "--config", "fashion_mnist", *(a for o in overrides for a in ("--set", o))]) == 1
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     # One line, no traceback: what failed (the decoder error, or the health check of a rank it took
     # down), then what is kept.
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("pipeline train: error: job failing failed: Ray Train gave up after 1 failure "
                           "(run.max_failures=0) (rank "), err
     assert "its MLflow run is FAILED" in err and "a disk is full" not in err, err
+    assert "no checkpoint was written" in err and "starts again" not in out, err
     run = _run(f"sqlite:///{tmp_path}/mlruns.db", "failing")
     assert run.info.status == "FAILED"
     # The failed rank's own error, not Ray's wrapper ("WorkerGroupError: Training failed due to worker errors:").

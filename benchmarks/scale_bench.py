@@ -157,9 +157,10 @@ def _child_plan(a: dict[str, Any]) -> dict[str, Any]:
     out["shards"] = len(plans)
     out["index_bytes"] = (shard_dir / "index.json").stat().st_size
     out.update({f"planned_{k}": v for k, v in _rss().items()})
-    for r in results:  # empty stand-ins: the split checks the files exist, it never opens them
-        for name in (r.tar, r.index):
-            (shard_dir / name).touch()
+    for r in results:  # stand-ins: the split checks the files exist and the tars' sizes, it never opens them
+        (shard_dir / r.index).touch()
+        with open(shard_dir / r.tar, "wb") as f:
+            f.truncate(r.bytes)  # sparse: the listed size, no blocks on disk
     del plans, results, listing, manifest
     for world in a["worlds"]:
         t0 = time.perf_counter()

@@ -479,7 +479,8 @@ _NO_SPACE = re.compile(r"No space left on device|Disk quota exceeded|\[Errno (28
 
 
 def _failed_line(cfg: TrainConfig, exc: Exception, newest_step: int, tracked: bool) -> str:
-    """What the driver says when Ray Train gave up: the first failed rank's error, what is kept, what to do."""
+    """What the driver says when Ray Train gave up: the error of the failed rank that caused it
+    (``_first_failure``), what is kept, what to do."""
     failures = getattr(exc, "worker_failures", None) or {}
     what = _failure_text(exc)[:300]
     cause = f"Ray Train gave up after {_failures(cfg)} ({what})" if failures else what

@@ -117,8 +117,9 @@ def plan_split(shard_dir: Path, manifest: dict[str, Any], split: str, *, rank: i
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"rank must be in 0..world_size-1, got rank={rank}, world_size={world_size}")
     entry = splits[split]
+    listed = [s for s in entry["shards"] if int(s["samples"]) > 0]
     shards = tuple(Shard(tar=shard_dir / s["tar"], index=shard_dir / s["index"], samples=int(s["samples"]))
-                   for s in entry["shards"] if int(s["samples"]) > 0)
+                   for s in listed)
     num_samples = sum(s.samples for s in shards)
     if num_samples != int(entry["samples"]):
         raise UserError(f"{shard_dir}/index.json: split {split!r} says {entry['samples']} samples "
@@ -128,11 +129,11 @@ def plan_split(shard_dir: Path, manifest: dict[str, Any], split: str, *, rank: i
     if num_samples < world_size:
         raise UserError(f"split {split!r} of {shard_dir} has {num_samples} samples, fewer than "
                         f"world_size={world_size}: every rank needs at least one")
-    for listed in (s for s in entry["shards"] if int(s["samples"]) > 0):
-        for p in (shard_dir / listed["tar"], shard_dir / listed["index"]):
+    for entry_shard, shard in zip(listed, shards):
+        for p in (shard.tar, shard.index):
             if not p.is_file():
                 raise UserError(f"{p} is listed in {shard_dir}/index.json but missing: run `pipeline verify {shard_dir}`")
-        problem = size_problem(shard_dir, listed)  # one stat: a cut-short copy is named here, not by the decoder
+        problem = size_problem(shard_dir, entry_shard)  # one stat: a cut-short copy is named here, not by the decoder
         if problem:
             raise UserError(problem)
     return SplitPlan(shards=shards, num_samples=num_samples, rank=rank, world_size=world_size,

@@ -130,11 +130,13 @@ class HostLoad:
 
     def __init__(self) -> None:
         self.load: list[float] = []  # every case run, in the order run
+        self.case_load: dict[str, list[float]] = {}  # per case, one per run
         self.steal: dict[str, list[float]] = {}  # per case, one share per run
 
     @contextlib.contextmanager
     def run(self, case: str) -> Iterator[None]:
         self.load.append(os.getloadavg()[0])
+        self.case_load.setdefault(case, []).append(self.load[-1])
         before = _cpu_seconds()
         yield
         after = _cpu_seconds()
@@ -147,6 +149,10 @@ class HostLoad:
         if case in self.steal:
             out["cpu_steal"] = self.steal[case]
         return out
+
+    def case_params(self, case: str) -> dict[str, Any]:
+        """Like ``params``, but the load averages at the start of this case's own runs only."""
+        return {**self.params(case), "load_avg_1m": [round(x, 2) for x in self.case_load.get(case, [])]}
 
 
 def steal_note(results: list[dict[str, Any]]) -> str | None:

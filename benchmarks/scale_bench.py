@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Ratio, Result, machine_info
+from benchmarks.common import HostLoad, Ratio, Result, machine_info, steal_note
 
 SIZES = (5_000, 20_000, 50_000)
 QUICK_SIZES = (200, 400)
@@ -196,8 +196,15 @@ def run(*, quick: bool = False, workdir: Path | None = None, sizes: tuple[int, .
     own_tmp = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="scale_bench_")) if own_tmp else Path(workdir)
     results: list[Result] = []
+    host = HostLoad()  # what else the machine did during each step: load average and CPU steal
 
-    def add(case: str, metric: str, unit: str, values: list[float], **params: Any) -> None:
+    def step(case: str, n: int, kind: str, args: dict[str, Any]) -> dict[str, Any]:
+        with host.run(f"{case} N={n}"):
+            return _run_child(kind, args)
+
+    def add(case: str, metric: str, unit: str, values: list[float], step_case: str | None = None,
+            **params: Any) -> None:  # step_case: the step that measured it, when not ``case``
+        params.update(host.case_params(f"{step_case or case} N={params['n']}"))
         results.append(Result("scale", case, "case", metric, unit, [float(v) for v in values], params))
 
     try:
@@ -213,31 +220,32 @@ def run(*, quick: bool = False, workdir: Path | None = None, sizes: tuple[int, .
                 out = workdir / f"out_{n}_{name}"
                 shutil.rmtree(out, ignore_errors=True)
                 args = {"src": str(src), "out": str(out), "workers": cores, **setting}
-                b = _run_child("build", args)
+                b = step(f"build {name}", n_real, "build", args)
                 p = {"n": n_real, "shards": b["shards"], "setting": name}
                 add(f"build {name}", "seconds", "s", [b["seconds"]], **p)
                 add(f"build {name}", "images_per_s", "images/s", [n_real / b["seconds"]], **p)
                 add(f"build {name}", "driver_rss", "MB", [b["driver_rss_mb"]], **p)
                 add(f"build {name}", "worker_rss", "MB", [b["worker_rss_mb"]], **p)
                 add(f"build {name}", "index_json", "KB", [b["index_bytes"] / 1e3], **p)
-                noop = [_run_child("build", args) for _ in range(reps)]
+                noop = [step(f"no-op resume {name}", n_real, "build", args) for _ in range(reps)]
                 assert all(r["written"] == 0 for r in noop)
                 add(f"no-op resume {name}", "seconds", "s", [r["seconds"] for r in noop], **p)
                 v1, vn = [], []
                 for _ in range(reps):  # interleaved: 1 worker, all cores, 1 worker, ...
-                    v1.append(_run_child("verify", {"out": str(out), "workers": 1})["seconds"])
-                    vn.append(_run_child("verify", {"out": str(out), "workers": cores})["seconds"])
+                    v1.append(step(f"verify {name} 1w", n_real, "verify", {"out": str(out), "workers": 1})["seconds"])
+                    vn.append(step(f"verify {name} {cores}w", n_real, "verify",
+                                   {"out": str(out), "workers": cores})["seconds"])
                 add(f"verify {name} 1w", "seconds", "s", v1, **p)
                 add(f"verify {name} {cores}w", "seconds", "s", vn, **p, workers=cores)
                 if not quick or n == sizes[-1]:  # --quick: the loader (seconds of imports) once per setting
-                    loads = [_run_child("loader", {"out": str(out)}) for _ in range(reps)]
-                    add(f"loader start {name}", "seconds", "s", [r["first_batch_s"] for r in loads], **p)
-                    add(f"epoch rebuild {name}", "seconds", "s", [r["rebuild_s"] for r in loads], **p)
-                    add(f"steady batch {name}", "seconds", "s", [r["batch_s"] for r in loads], **p)
+                    loads = [step(f"loader {name}", n_real, "loader", {"out": str(out)}) for _ in range(reps)]
+                    for case, key in (("loader start", "first_batch_s"), ("epoch rebuild", "rebuild_s"),
+                                      ("steady batch", "batch_s")):
+                        add(f"{case} {name}", "seconds", "s", [r[key] for r in loads], step_case=f"loader {name}", **p)
                 print(f"[scale] N={n_real} {name}: {b['shards']} shards, build {b['seconds']:.1f} s", file=sys.stderr)
                 if not keep:
                     shutil.rmtree(out, ignore_errors=True)
-        results.extend(_planning(workdir, quick))
+        results.extend(_planning(workdir, quick, host))
         if not own_tmp:  # `pipeline bench scale`: the table and the log-log plot beside the data
             (workdir / "scale.md").write_text(markdown(results, machine_info()), encoding="utf-8")
             plot(results, workdir / "scale-loglog.png")
@@ -249,17 +257,20 @@ def run(*, quick: bool = False, workdir: Path | None = None, sizes: tuple[int, .
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _planning(workdir: Path, quick: bool) -> list[Result]:
+def _planning(workdir: Path, quick: bool, host: HostLoad | None = None) -> list[Result]:
     train, val = (5_000, 500) if quick else (IMAGENET_TRAIN, IMAGENET_VAL)
     worlds = [8, 64, 512]
     out = []
     for name, setting in SETTINGS.items():
         d = workdir / f"plan_{name}"
         shutil.rmtree(d, ignore_errors=True)
-        r = _run_child("plan", {"train": train, "val": val, "classes": IMAGENET_CLASSES, "dir": str(d),
-                                "worlds": worlds, **setting})
+        host = host or HostLoad()
+        with host.run(f"imagenet plan {name}"):
+            r = _run_child("plan", {"train": train, "val": val, "classes": IMAGENET_CLASSES, "dir": str(d),
+                                    "worlds": worlds, **setting})
         shutil.rmtree(d, ignore_errors=True)
-        p = {"n": train + val, "shards": r["shards"], "setting": name, "planning_only": True}
+        p = {"n": train + val, "shards": r["shards"], "setting": name, "planning_only": True,
+             **host.case_params(f"imagenet plan {name}")}
         for key in ("list_s", "plan_s", "fingerprint_s", "manifest_s", *(f"split_w{w}_s" for w in worlds)):
             out.append(Result("scale", f"imagenet plan {name}", "case", key, "s", [r[key]], p))
         out.append(Result("scale", f"imagenet plan {name}", "case", "driver_rss", "MB", [r["planned_driver_rss_mb"]], p))
@@ -333,7 +344,7 @@ def goals(results: list[Result]) -> list[Ratio]:
 
 def markdown(results: list[Result], info: dict[str, Any]) -> str:
     """The cost-growth table (one row per size and setting), slopes, ImageNet planning and estimates."""
-    lines = [f"Machine: {info['cpus']} CPUs ({info['processor']}), Python {info['python']}.", "",
+    lines = [f"Machine: {info['cpus']} CPUs ({info['processor']}), Python {info['python']}. {host_line(results)}", "",
              "| N | shards | build s | img/s | driver RSS MB | worker RSS MB | index.json KB | no-op resume s "
              "| verify 1w s | verify all s | loader start s | epoch rebuild s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -375,6 +386,19 @@ def markdown(results: list[Result], info: dict[str, Any]) -> str:
     for g in goals(results):
         lines.append(f"- {g.name}: {g.value:.2f} (goal ≥ {g.goal}: {'met' if g.met else 'NOT met'})")
     return "\n".join(lines) + "\n"
+
+
+def host_line(results: list[Result]) -> str:
+    """What else the machine did during the steps: the range of the 1-minute load average at their starts, the
+    most CPU time any step lost to other guests (steal), and ``steal_note``'s warning when one lost too much."""
+    loads = [x for r in results for x in r.params.get("load_avg_1m", [])]
+    steal = [x for r in results for x in r.params.get("cpu_steal", [])]
+    if not loads:
+        return ""
+    line = f"Load average (1 min) at the steps' starts {min(loads):.2f}–{max(loads):.2f}"
+    line += f", CPU steal at most {max(steal):.1%} of a step." if steal else "."
+    note = steal_note([r.to_dict() for r in results])
+    return f"{line} Note: {note}." if note else line
 
 
 def plot(results: list[Result], path: Path) -> Path | None:

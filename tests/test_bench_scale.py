@@ -30,7 +30,14 @@ def test_quick_scale_bench_writes_table_plot_and_report(tmp_path):
     # Two sizes were measured, so every sized cost has a fitted slope in the table.
     sizes = {r["params"]["n"] for r in payload["results"] if not r["params"].get("planning_only")}
     assert len(sizes) == 2
+    # Each step records what else the machine did during its own runs: load average at each start, CPU steal.
+    for r in payload["results"]:
+        runs = len(r["values"])  # one per run of the step that measured it
+        assert len(r["params"]["load_avg_1m"]) == runs, r
+        if os.path.exists("/proc/stat"):
+            assert len(r["params"]["cpu_steal"]) == runs and all(0 <= s <= 1 for s in r["params"]["cpu_steal"]), r
     table = (tmp_path / "work" / "scale" / "scale.md").read_text()
+    assert "Load average (1 min) at the steps' starts" in table
     assert "| build 256MB seconds |" in table and "Planning only, 5,500 records" in table
     with Image.open(tmp_path / "work" / "scale" / "scale-loglog.png") as img:
         assert img.format == "PNG" and img.width > 300

@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import FASHION_MNIST, Ratio, Result
+from benchmarks.common import FASHION_MNIST, HostLoad, Ratio, Result
 
 DEFAULT_INTERVAL_S = 30 * 60  # run.checkpoint_every_minutes' default
 STEP_LINE = re.compile(r"epoch (\d+)/\d+ step (\d+)/\d+")
@@ -135,13 +135,16 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
     shards = _shards(workdir)
     fresh, restart, ckpt, step, write = [], [], [], [], []
     stamp = int(time.time())
+    host = HostLoad()  # what else the machine did during each job: load average and CPU steal
     for i in range(repeats):
         cmd = _command(shards, workdir, f"bench-{stamp}-{i}")
-        t, code = _job(cmd, stop_after_step=EVERY + 1)
+        with host.run("fresh start"):
+            t, code = _job(cmd, stop_after_step=EVERY + 1)
         if code == 0:
             raise RuntimeError("the fresh job ended before SIGTERM reached it")
         fresh.append(t)
-        t, code = _job(cmd, stop_after_step=None)
+        with host.run("restart from step checkpoint"):
+            t, code = _job(cmd, stop_after_step=None)
         if code != 0:
             raise RuntimeError(f"the restarted job exited {code}")
         restart.append(t)
@@ -153,11 +156,13 @@ def run(*, quick: bool = False, workdir: Path | None = None, repeats: int | None
     params = {"model": "seed_cnn", "batch_size": 16, "workers": 1, "checkpoint_every_steps": EVERY,
               "steps_per_epoch": STEPS, "epochs": EPOCHS, "storage": "local disk"}
     fixed = statistics.median(ckpt) if ckpt else float("nan")
+    restarted = {**params, **host.case_params("restart from step checkpoint")}  # the jobs that gave these too
     return [
-        Result("resume", "fresh start", "baseline", "first_step_s", "s", fresh, params),
-        Result("resume", "restart from step checkpoint", "case", "first_step_s", "s", restart, params),
-        Result("resume", "step checkpoint", "case", "checkpoint_s", "s", ckpt, params),
-        Result("resume", "training step", "baseline", "step_time_s", "s", step, params),
+        Result("resume", "fresh start", "baseline", "first_step_s", "s", fresh,
+               {**params, **host.case_params("fresh start")}),
+        Result("resume", "restart from step checkpoint", "case", "first_step_s", "s", restart, restarted),
+        Result("resume", "step checkpoint", "case", "checkpoint_s", "s", ckpt, restarted),
+        Result("resume", "training step", "baseline", "step_time_s", "s", step, restarted),
         Result("resume", "ResNet-50 state write + copy", "case", "resnet50_write_s", "s", write,
                {"state_mb": round(getattr(_resnet50_write, "mb", 0.0)), "storage": "local disk"}),
         Result("resume", f"training share, checkpoint every {DEFAULT_INTERVAL_S // 60} min", "case",

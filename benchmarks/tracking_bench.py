@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import HostLoad, machine_info
+
 CASES = ("off", "tracking", "server-down")
 LOG_EVERY = 10
 
@@ -98,12 +100,14 @@ def _run_case(case: str, steps: int, workdir: Path) -> tuple[float, float]:
 def run(repeats: int, steps: int) -> dict:
     rates: dict[str, list[float]] = {c: [] for c in CASES}
     cpu: dict[str, list[float]] = {c: [] for c in CASES}
+    host = HostLoad()  # what else the machine did during each run: load average and CPU steal
     with tempfile.TemporaryDirectory(prefix="tracking-bench-") as tmp:
         for r in range(repeats):
             for case in CASES:
-                out = subprocess.run([sys.executable, "-m", "benchmarks.tracking_bench", "--case", case,
-                                      "--steps", str(steps), "--workdir", tmp], check=True, capture_output=True,
-                                     text=True)
+                with host.run(case):
+                    out = subprocess.run([sys.executable, "-m", "benchmarks.tracking_bench", "--case", case,
+                                          "--steps", str(steps), "--workdir", tmp], check=True, capture_output=True,
+                                         text=True)
                 rate, cpu_per_step = map(float, out.stdout.strip().splitlines()[-1].split())
                 rates[case].append(rate)
                 cpu[case].append(cpu_per_step)
@@ -113,7 +117,8 @@ def run(repeats: int, steps: int) -> dict:
     cpu_med = {c: statistics.median(v) for c, v in cpu.items()}
     return {"steps": steps, "repeats": repeats, "images_per_s": rates, "median": med,
             "ratio_to_off": {c: med[c] / med["off"] for c in CASES}, "cpu_s_per_step": cpu,
-            "cpu_median": cpu_med, "cpu_ratio_to_off": {c: cpu_med[c] / cpu_med["off"] for c in CASES}}
+            "cpu_median": cpu_med, "cpu_ratio_to_off": {c: cpu_med[c] / cpu_med["off"] for c in CASES},
+            "machine": machine_info(), "host": {c: host.case_params(c) for c in CASES}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c:12s} median {res['median'][c]:7.0f} img/s  (min {min(v):.0f}, max {max(v):.0f})  "
               f"× {res['ratio_to_off'][c]:.3f} of off;  CPU {res['cpu_median'][c] * 1000:.2f} ms/step "
               f"(min {min(w) * 1000:.2f}, max {max(w) * 1000:.2f})  × {res['cpu_ratio_to_off'][c]:.3f} of off")
+    loads = [x for c in CASES for x in res["host"][c]["load_avg_1m"]]
+    steal = [x for c in CASES for x in res["host"][c].get("cpu_steal", [])]
+    print(f"load average (1 min) at the runs' starts {min(loads):.2f}-{max(loads):.2f}"
+          + (f", CPU steal at most {max(steal):.1%} of a run" if steal else ""))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     return 0

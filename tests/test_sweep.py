@@ -60,6 +60,7 @@ def test_bad_random_syntax(text):
     (["--grid", "optim.lr=0.1,0.2", "--grid", "optim.lr=0.3,0.4"], "optim.lr swept twice"),
     ([], "nothing to sweep"),
     (["--grid", "optim.lr=0.1,0.2", "--name", "my sweep"], "--name 'my sweep': run: name 'my sweep-000'"),
+    (["--grid", "optim.lr=0.1,0.2", "--samples", "0"], "--samples must be >= 1, got 0"),
 ])
 def test_invalid_sweeps_are_one_error_line_before_anything_starts(args, message, capsys, tmp_path):
     store = tmp_path / "mlruns.db"
@@ -77,10 +78,12 @@ def swept(tmp_path_factory, fmnist_dir):
                  "--no-progress"]) == 0
     uri = f"sqlite:///{root / 'mlruns.db'}"
     pipeline = str(Path(sys.executable).with_name("pipeline"))
+    # Paths relative to the launch directory, as users type them: the trials run in working directories of
+    # their own, so the driver resolves them (shards swept and set, storage, the SQLite store).
     cmd = [pipeline, "sweep", "--config", "fashion_mnist", "--name", "grid",
-           "--grid", "optim.lr=0.002,0.004", "--grid", f"data.shards={shards},{root / 'missing'}",
+           "--grid", "optim.lr=0.002,0.004", "--grid", "data.shards=fm,missing",
            "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=3", "--set", "tracking.log_model=false",
-           "--set", f"run.storage_path={root / 'ray_results'}", "--set", f"tracking.tracking_uri={uri}",
+           "--set", "run.storage_path=ray_results", "--set", "tracking.tracking_uri=sqlite:///mlruns.db",
            "--set", "tracking.experiment=sweeps", "--set", "scaling.num_workers=1"]
     with temp_dir_under_tmp() as tmpdir:  # short: Ray's socket paths have a length limit
         env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONUNBUFFERED": "1"}

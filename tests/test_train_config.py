@@ -52,6 +52,8 @@ def test_stable_keys_and_overrides():
     (["data.device=gpu"], "data.device is gpu but scaling.use_gpu is false"),
     (["optim.lr=.nan"], "invalid value nan for optim.lr; expected a finite number"),
     (["tracking.experiment="], "experiment must be a non-empty name"),
+    (["optim.name=adam", "optim.betas=[0.9,1.999]"], "betas must each be in [0, 1), got [0.9, 1.999]"),
+    (["scaling.torch_threads=-2"], "torch_threads must be >= 1 or null"),
 ])
 def test_bad_values_are_one_clear_error(override, needle):
     with pytest.raises(UserError, match=None) as exc:

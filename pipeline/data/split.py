@@ -106,21 +106,15 @@ def epoch_shards(plan: SplitPlan, *, shuffle: bool, seed: int, epoch: int) -> li
     return [shards[i] for i in order]
 
 
-def plan_split(shard_dir: Path, manifest: dict[str, Any], split: str, *, rank: int, world_size: int,
-               batch_size: int) -> SplitPlan:
-    """Check the request against index.json and return the rank's arithmetic for ``split``."""
+def check_split(shard_dir: Path, manifest: dict[str, Any], split: str, world_size: int = 1) -> list[dict[str, Any]]:
+    """What index.json alone says about reading ``split`` over ``world_size`` ranks (no file is opened): it exists,
+    its shards add up, every rank gets a sample. Returns its listed shards that hold samples."""
     splits = manifest.get("splits", {})
     if split not in splits:
         raise UserError(f"{shard_dir}: no split {split!r} in index.json (has: {', '.join(sorted(splits)) or 'none'})")
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise UserError(f"rank must be in 0..world_size-1, got rank={rank}, world_size={world_size}")
     entry = splits[split]
     listed = [s for s in entry["shards"] if int(s["samples"]) > 0]
-    shards = tuple(Shard(tar=shard_dir / s["tar"], index=shard_dir / s["index"], samples=int(s["samples"]))
-                   for s in listed)
-    num_samples = sum(s.samples for s in shards)
+    num_samples = sum(int(s["samples"]) for s in listed)
     if num_samples != int(entry["samples"]):
         raise UserError(f"{shard_dir}/index.json: split {split!r} says {entry['samples']} samples "
                         f"but its shards hold {num_samples}: rebuild the shards")
@@ -129,6 +123,20 @@ def plan_split(shard_dir: Path, manifest: dict[str, Any], split: str, *, rank: i
     if num_samples < world_size:
         raise UserError(f"split {split!r} of {shard_dir} has {num_samples} samples, fewer than "
                         f"world_size={world_size}: every rank needs at least one")
+    return listed
+
+
+def plan_split(shard_dir: Path, manifest: dict[str, Any], split: str, *, rank: int, world_size: int,
+               batch_size: int) -> SplitPlan:
+    """Check the request against index.json and return the rank's arithmetic for ``split``."""
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"rank must be in 0..world_size-1, got rank={rank}, world_size={world_size}")
+    listed = check_split(shard_dir, manifest, split, world_size)
+    shards = tuple(Shard(tar=shard_dir / s["tar"], index=shard_dir / s["index"], samples=int(s["samples"]))
+                   for s in listed)
+    num_samples = sum(s.samples for s in shards)
     for entry_shard, shard in zip(listed, shards):
         for p in (shard.tar, shard.index):
             if not p.is_file():

@@ -78,6 +78,8 @@ class OptimConfig:
             raise ValueError("nesterov needs name: sgd and momentum > 0")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):  # what torch's Adam checks, in every worker
+            raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
 
 
 # How an MLflow model is named where a checkpoint path is also accepted (train.init_from, evaluate --model).
@@ -151,6 +153,8 @@ class ScalingSection:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ValueError("cpus_per_worker must be > 0")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1 or null (= cpus_per_worker), got {self.torch_threads}")
         if self.use_gpu and self.gpus_per_worker < 1:
             # A fraction would put two ranks on one GPU, which NCCL refuses ("Duplicate GPU detected").
             raise ValueError(f"gpus_per_worker must be >= 1 with use_gpu (one GPU per rank), "

@@ -45,15 +45,20 @@ class TrainResult:
 
 
 def resolve_paths(cfg: TrainConfig, cwd: Path | None = None) -> TrainConfig:
-    """Absolute ``data.shards`` and ``run.storage_path`` (URIs such as ``s3://`` are left alone)."""
+    """Absolute ``data.shards``, ``run.storage_path`` and a local ``train.init_from`` (URIs such as ``s3://`` or
+    ``runs:/`` are left alone): the workers run in working directories of their own."""
     cwd = cwd or Path.cwd()
     shards = cfg.data.shards if cfg.data.shards.is_absolute() else (cwd / cfg.data.shards).resolve()
     storage = str(cfg.run.storage_path)
     if not is_uri(storage):
         storage = str((cwd / Path(storage).expanduser()).resolve())
+    init_from = cfg.train.init_from
+    if init_from and not is_uri(init_from) and not init_from.startswith(MLFLOW_MODEL_SCHEMES):
+        init_from = str((cwd / Path(init_from).expanduser()).resolve())
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, shards=shards),
         run=dataclasses.replace(cfg.run, storage_path=storage),
+        train=dataclasses.replace(cfg.train, init_from=init_from),
     )
 
 
@@ -140,14 +145,61 @@ def local_ray_temp_dir() -> str | None:
     return fallback
 
 
+def _check_splits(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
+    """The training and validation splits as index.json lists them, for the job's smallest world size: one line
+    here rather than the same error from every rank after Ray has started."""
+    from pipeline.data.split import check_split
+
+    world = cfg.scaling.min_workers if cfg.scaling.elastic else cfg.scaling.num_workers
+    check_split(cfg.data.shards, manifest, "train", world)
+    try:
+        check_split(cfg.data.shards, manifest, cfg.data.val_split, world)
+    except UserError as exc:
+        if cfg.data.val_split != "val":
+            raise
+        raise UserError(f"{exc}: the job validates on it every epoch; shard with --val-fraction F (e.g. 0.05) "
+                        "to make one, or set data.val_split=train") from None
+
+
+def _check_resume(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
+    """A job that continues from its checkpoint must train the model it saved, on inputs of the same shape and
+    classes: otherwise every rank fails to load it, after Ray has started, and the earlier run is marked FAILED."""
+    from pipeline.data.presets import get_preset
+    from pipeline.train.resume import newest_complete_meta
+
+    storage_dir = f"{str(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
+    try:
+        newest = newest_complete_meta(storage_dir)
+    except (OSError, ValueError):  # storage that cannot be listed: the job's own start says so
+        return
+    if newest is None:
+        return
+    _, meta = newest
+    channels, size, _ = get_preset(cfg.data.preset or manifest["preset"]).output_shape()
+    now = {"model": cfg.model.name, "width": cfg.model.width, "num_classes": int(manifest["num_classes"]),
+           "in_channels": channels, "image_size": size}
+    differ = [f"{k} {meta[k]} (now {v})" for k, v in now.items() if k in meta and meta[k] != v]
+    if differ:
+        raise UserError(f"run.name={cfg.run.name} continues from its checkpoint at step {meta.get('global_step', '?')}"
+                        f" in {storage_dir}, which holds a different model: {', '.join(differ)}; set those back to "
+                        "continue it, or give another run.name (--init-from that checkpoint starts from its weights)")
+
+
 def _check_init_from(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
     """A local ``--init-from`` checkpoint must fit the model and inputs (MLflow URIs: ``_check_mlflow_init_from``)."""
     src = cfg.train.init_from
     if not src or src.startswith(MLFLOW_MODEL_SCHEMES):
         return
-    from pipeline.train.checkpoint import load_meta
+    from pipeline.train.checkpoint import load_meta, load_state, result_weights
 
     meta = load_meta(src)  # UserError when the path holds no checkpoint
+    state = load_state(src)  # as every worker will load it: a file that is not a checkpoint is one line here
+    try:
+        result_weights(state)
+    except (KeyError, TypeError, AttributeError):
+        raise UserError(f"--init-from {src}: a tensors-only PyTorch file, but no checkpoint of pipeline train "
+                        "(it holds no model weights)") from None
+    del state
     if meta:
         _check_fits(cfg, manifest, meta.get("model"), (meta.get("in_channels"), meta.get("image_size")))
 
@@ -238,6 +290,45 @@ def _controller_env(cfg: TrainConfig) -> contextlib.AbstractContextManager:
     return _environ({} if timeout is None else {GROUP_START_TIMEOUT_ENV: str(float(timeout))})
 
 
+def check_tracking_uri(uri: str) -> None:
+    """One line for a tracking URI no job can log to, before anything starts: an ``sqlite:///`` path that is a
+    directory or a file of something else (MLflow would retry for minutes, then raise), or a scheme MLflow does
+    not know (the workers would keep every record back as refused, and the job would end well)."""
+    from pipeline.train.runs import SQLITE_HEADER
+
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if os.path.isdir(path):
+            raise UserError(f"tracking URI {uri}: {path} is a directory; an SQLite store is a file, "
+                            "e.g. sqlite:///mlruns.db")
+        try:
+            with open(path, "rb") as f:
+                header = f.read(len(SQLITE_HEADER))
+        except FileNotFoundError:
+            return  # a new store: made before the job starts
+        except OSError as exc:
+            raise UserError(f"tracking URI {uri}: cannot read {path}: {exc.strerror or exc}") from None
+        if header and header != SQLITE_HEADER:
+            raise UserError(f"tracking URI {uri}: {path} is not an SQLite database; give the store's own file "
+                            "or a new one, e.g. sqlite:///mlruns.db")
+        return
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme and scheme.split("+", 1)[0] not in _KNOWN_STORES:  # a store plugin's scheme, or a typo
+        import mlflow
+
+        try:
+            mlflow.MlflowClient(uri)  # picks the store for the scheme: no request is made
+        except Exception:  # noqa: BLE001 - MLflow's "unsupported URI" errors have several types
+            raise UserError(f"tracking URI {uri}: MLflow has no store for {scheme}://; use "
+                            "sqlite:///FILE, http(s)://HOST:PORT or a directory") from None
+
+
+# Schemes MLflow's own stores serve (a database's with its driver, e.g. postgresql+psycopg2): not opened to
+# check, since a database store connects and migrates its schema when it is made.
+_KNOWN_STORES = frozenset({"http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks",
+                           "databricks-uc", "uc"})
+
+
 def _create_sqlite_store(uri: str, verbose: bool = False) -> None:
     """Create (or migrate) a local SQLite store once, here, before any worker opens it.
 
@@ -285,12 +376,16 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     cfg = resolve_paths(cfg)
     # A missing or partial shard set, or weights that cannot fit, is a user error before any worker starts.
     manifest = read_manifest(cfg.data.shards)
+    _check_splits(cfg, manifest)
+    _check_resume(cfg, manifest)
     _check_init_from(cfg, manifest)
     if not ray.is_initialized():
         check_ray(cfg)
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
     artifact_location = (default_artifact_location(tracking_uri, cfg.tracking.artifact_location)
                          if tracking_uri else None)
+    if tracking_uri:
+        check_tracking_uri(tracking_uri)
     _check_mlflow_init_from(cfg, manifest, tracking_uri)  # first: a store that is not there holds no model
     if tracking_uri and tracking_uri.startswith("sqlite:///"):
         _create_sqlite_store(tracking_uri, verbose)
@@ -359,9 +454,8 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
             except Exception as exc:
                 reached = newest_global_step(storage_dir)
                 if not _start_again(exc, cfg, reached > start_step, storage_dir if local_storage else None):
-                    if tracking_uri:
-                        _record_failure(storage_dir, exc)
-                    raise JobFailed(_failed_line(cfg, exc, reached, bool(tracking_uri))) from exc
+                    recorded = bool(tracking_uri) and _record_failure(storage_dir, exc)
+                    raise JobFailed(_failed_line(cfg, exc, reached, recorded)) from exc
                 out.say(f"[pipeline] {cfg.run.name}: Ray Train gave up after {_failures(cfg)}; the job "
                         f"checkpointed step {reached} since its last start (step {max(start_step, 0)}), so it starts "
                         f"again from there ({_failure_text(exc)[:200]})")
@@ -496,8 +590,9 @@ def _failed_line(cfg: TrainConfig, exc: Exception, newest_step: int, tracked: bo
             f"{'; its MLflow run is FAILED' if tracked else ''} (--verbose shows the workers' tracebacks)")
 
 
-def _record_failure(storage_dir: str, exc: Exception) -> None:
-    """The job failed for good: end its MLflow run FAILED, even if rank 0 was killed before it could.
+def _record_failure(storage_dir: str, exc: Exception) -> bool:
+    """The job failed for good: end its MLflow run FAILED, even if rank 0 was killed before it could; False when
+    the job never started tracking (no MLflow run to end).
 
     The record goes through the job's tracking spool, after whatever rank 0 left unsent; if the
     server is unreachable it stays there for the next start or ``pipeline tracking sync``.
@@ -509,13 +604,14 @@ def _record_failure(storage_dir: str, exc: Exception) -> None:
 
     spool = spool_dir_for(storage_dir)
     if not read_job(spool):
-        return  # tracking never started
+        return False  # tracking never started
     reason = _failure_text(exc)[:500]  # the failed rank's own error, not Ray's wrapper
     try:
         Spool(spool).append([{"t": "end", "status": "FAILED", "reason": reason, "ts": int(time.time() * 1000)}])
         sync(spool)
     except Exception:  # noqa: BLE001 - an unreachable server must not hide the job's own error
         pass
+    return True
 
 
 def summary(res: TrainResult) -> str:
@@ -538,4 +634,4 @@ def summary(res: TrainResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["JobFailed", "TrainResult", "fit", "resolve_paths", "summary"]
+__all__ = ["JobFailed", "TrainResult", "check_tracking_uri", "fit", "resolve_paths", "summary"]

@@ -76,6 +76,12 @@ def log_missed_epoch(tracker, checkpoint, epoch: int, step_in_epoch: int) -> Non
 
 def newest_complete(storage_dir: str, registered_path: str | None = None) -> str | None:
     """Path (on the storage's filesystem) of the newest complete checkpoint of the job, or None."""
+    newest = newest_complete_meta(storage_dir, registered_path)
+    return newest[0] if newest else None
+
+
+def newest_complete_meta(storage_dir: str, registered_path: str | None = None) -> tuple[str, dict[str, Any]] | None:
+    """Path and ``meta.json`` of the newest complete checkpoint of the job, or None."""
     fs, root = _filesystem(storage_dir)
     paths = set(_checkpoint_dirs(fs, root))
     if registered_path:
@@ -86,8 +92,11 @@ def newest_complete(storage_dir: str, registered_path: str | None = None) -> str
         if meta is not None:
             # Global steps only grow (a restarted epoch trains under new step numbers); older
             # checkpoints without one fall back to the directory name, a timestamp.
-            ranked.append((int(meta.get("global_step", -1)), _name(path), path))
-    return max(ranked)[2] if ranked else None
+            ranked.append((int(meta.get("global_step", -1)), _name(path), path, meta))
+    if not ranked:
+        return None
+    _, _, path, meta = max(ranked, key=lambda r: r[:3])
+    return path, meta
 
 
 def newest_global_step(storage_dir: str) -> int:
@@ -167,4 +176,4 @@ def _complete_meta(fs, path: str) -> dict[str, Any] | None:
     return meta
 
 
-__all__ = ["log_missed_epoch", "newest_complete", "newest_global_step", "prune_unkept", "resume_checkpoint"]
+__all__ = ["log_missed_epoch", "newest_complete", "newest_complete_meta", "newest_global_step", "prune_unkept", "resume_checkpoint"]

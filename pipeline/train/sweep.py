@@ -115,7 +115,7 @@ def validate(sweep: Sweep):
 
     if not sweep.grid and not sweep.random:
         raise UserError("nothing to sweep: give at least one --grid KEY=V1,V2 or --random KEY=LOW:HIGH")
-    if sweep.random and sweep.samples < 1:
+    if sweep.samples < 1:
         raise UserError(f"--samples must be >= 1, got {sweep.samples}")
     try:  # the trials' names: NAME-000, … must be valid job names
         base = load_config(sweep.config, [*sweep.overrides, f"run.name={sweep.name}-000"])
@@ -170,8 +170,10 @@ class _Job:
         return f"{self.fixed_storage.rstrip('/')}/{self.trial_name(index)}"
 
     def overrides(self, index: int) -> list[str]:
+        # The driver's resolved paths after the user's own --set (a relative path there would be taken in
+        # the trial's working directory); the points' paths were resolved on the driver too.
         point = [f"{k}={v}" for k, v in self.points[index].items()]
-        return [*self.fixed, *self.sweep.overrides, *point, f"run.name={self.trial_name(index)}"]
+        return [*self.sweep.overrides, *self.fixed, *point, f"run.name={self.trial_name(index)}"]
 
     def tags(self, index: int) -> dict[str, str]:
         return {"mlflow.parentRunId": self.parent_id, SWEEP_KEY_TAG: self.parent_key, TRIAL_TAG: str(index)}
@@ -183,6 +185,20 @@ class _Job:
     @property
     def fixed_storage(self) -> str:
         return next(o.split("=", 1)[1] for o in self.fixed if o.startswith("run.storage_path="))
+
+
+def _resolved(point: dict[str, str]) -> dict[str, str]:
+    """A point's swept paths (``data.shards``, ``train.init_from``) made absolute here, on the driver."""
+    from pipeline.fileio import is_uri
+    from pipeline.train.config import MLFLOW_MODEL_SCHEMES
+
+    def absolute(key: str, value: str) -> str:
+        if key not in ("data.shards", "train.init_from") or not value or is_uri(value) \
+                or value.startswith(MLFLOW_MODEL_SCHEMES):
+            return value
+        return str((Path.cwd() / Path(value).expanduser()).resolve())
+
+    return {k: absolute(k, v) for k, v in point.items()}
 
 
 def run_trial(job: _Job, index: int) -> None:
@@ -391,7 +407,8 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
     import ray
 
     from pipeline.fileio import is_uri
-    from pipeline.train.launch import _create_sqlite_store, _environ, check_ray, ensure_ray, resolve_paths
+    from pipeline.train.launch import (_create_sqlite_store, _environ, check_ray, check_tracking_uri, ensure_ray,
+                                       resolve_paths)
     from pipeline.train.preempt import clear_stop, exit_code, stop_on_signals
     from pipeline.train.ray_output import quiet_ray_output
     from pipeline.train.runs import format_table
@@ -408,7 +425,10 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
         check_ray(base)  # before the store and the parent run are made
     tracking_uri = resolve_tracking_uri(base.tracking.tracking_uri)
     fixed = (f"data.shards={base.data.shards}", f"run.storage_path={base.run.storage_path}",
-             f"tracking.tracking_uri={tracking_uri}")
+             f"tracking.tracking_uri={tracking_uri}",
+             *([f"train.init_from={base.train.init_from}"] if base.train.init_from else []))
+    points = [_resolved(point) for point in points]
+    check_tracking_uri(tracking_uri)
     if tracking_uri.startswith("sqlite:///"):
         _create_sqlite_store(tracking_uri, verbose)
     client = mlflow.MlflowClient(tracking_uri)

@@ -36,10 +36,10 @@ def _checkpoint(work, tmp_path, name="ckpt"):
     return shutil.copytree(work / "good", tmp_path / name)
 
 
-def _evaluate_error(work, capsys, model: str, shards=None, backend="torch") -> str:
+def _evaluate_error(work, capsys, model: str, shards=None, backend="torch", extra: list[str] = ()) -> str:
     """The one stderr line of a failing ``pipeline evaluate`` (exit 2, nothing on stdout)."""
     assert main(["evaluate", "--model", model, "--shards", str(shards or work / "shards"), "--backend", backend,
-                 "--device", "cpu"]) == 2
+                 "--device", "cpu", *extra]) == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pipeline evaluate: error: "), captured.err
@@ -115,3 +115,23 @@ def test_a_shard_copy_cut_short_is_named_before_any_decoding(work, tmp_path, cap
     line = _evaluate_error(work, capsys, str(work / "good"), shards=copy, backend=backend)
     assert line == (f"pipeline evaluate: error: {tar} is {listed - 512:,} bytes where {copy / 'index.json'} lists "
                     f"{listed:,}: an incomplete or changed copy (`pipeline verify {copy}` checks every shard)"), line
+
+
+@pytest.mark.parametrize("store, says", [
+    ("http://127.0.0.1:1", "--log-as: cannot reach the MLflow server at http://127.0.0.1:1"),
+    ("sqlite:///{shards}/index.json", "is not an SQLite database; set MLFLOW_TRACKING_URI to the one the job logged"),
+], ids=["server down", "not a store"])
+def test_log_as_into_a_store_that_cannot_take_it_is_one_line_before_the_work(work, capsys, monkeypatch, store, says):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.format(shards=work / "shards"))
+    assert main(["evaluate", "--model", str(work / "good"), "--shards", str(work / "shards"), "--backend", "torch",
+                 "--device", "cpu", "--log-as", "test"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], captured.err
+    assert not captured.out.strip()  # no evaluation ran
+
+
+def test_log_as_with_a_model_path_that_is_no_checkpoint_names_the_path(work, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    line = _evaluate_error(work, capsys, str(tmp_path / "nonexistent"), extra=["--log-as", "test"])
+    assert f"no checkpoint at {tmp_path / 'nonexistent'}" in line, line

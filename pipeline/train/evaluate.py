@@ -182,14 +182,21 @@ class RunLog:
     def __init__(self, model_ref: str, name: str, tracking_uri: str | None = None) -> None:
         import mlflow
 
-        from pipeline.train.tracking import missing_sqlite_store, resolve_tracking_uri
+        from pipeline.train.runs import check_store
+        from pipeline.train.tracking import resolve_tracking_uri
 
         if not _LOG_NAME.fullmatch(name):
             raise UserError(f"--log-as {name!r}: a letter, then letters, digits or _ (at most 40), e.g. test")
         self.model_ref, self.name = model_ref, name
+        if not model_ref.startswith(MLFLOW_MODEL_SCHEMES):
+            from pipeline.train.checkpoint import load_meta
+
+            load_meta(model_ref)  # a path with no checkpoint is about --model, not about the store
         uri = resolve_tracking_uri(tracking_uri)
-        if missing_sqlite_store(uri):  # not a new, empty one
-            raise UserError(f"--log-as: no MLflow store at {uri}: set MLFLOW_TRACKING_URI to the one the job logged to")
+        try:  # a store that is missing, not MLflow's or not answering: one line, before the work
+            check_store(uri, hint="set MLFLOW_TRACKING_URI to the one the job logged to")
+        except UserError as exc:
+            raise UserError(f"--log-as: {exc}") from None
         self.client = mlflow.MlflowClient(uri)
         self.run_id = training_run_id(self.client, model_ref)
 

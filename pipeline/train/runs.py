@@ -155,19 +155,18 @@ def _first_sentence(exc: BaseException) -> str:
     return first_line(exc).split(". ", 1)[0].rstrip(".")  # its first sentence
 
 
-def check_store(uri: str) -> None:
+def check_store(uri: str, hint: str = "pass --tracking-uri (or set MLFLOW_TRACKING_URI)") -> None:
     """One ``UserError`` line for a store ``pipeline runs`` cannot read, found without changing anything:
     a ``sqlite:///`` file that is missing or is not an MLflow SQLite database (MLflow would turn an empty
     or foreign one into its own), or an ``http(s)://`` server that does not answer (MLflow would retry
-    for minutes in silence)."""
+    for minutes in silence). ``hint``: how the user names another store."""
     from pipeline.train.tracking import missing_sqlite_store
 
     missing = missing_sqlite_store(uri)
     if missing:
-        raise UserError(f"no MLflow store at {missing}: train first, or pass --tracking-uri "
-                        "(or set MLFLOW_TRACKING_URI)")
+        raise UserError(f"no MLflow store at {missing}: train first, or {hint}")
     if uri.startswith("sqlite:///"):
-        _check_sqlite_store(uri, uri[len("sqlite:///"):])
+        _check_sqlite_store(uri, uri[len("sqlite:///"):], hint)
     elif uri.lower().startswith(("http://", "https://")):
         _probe_server(uri)
     elif "://" not in uri or uri.startswith("file:"):  # MLflow's file store: a directory it would create
@@ -176,11 +175,10 @@ def check_store(uri: str) -> None:
 
         path = url2pathname(urlparse(uri).path) if uri.startswith("file:") else uri
         if not os.path.isdir(path):
-            raise UserError(f"no MLflow store at {path}: train first, or pass --tracking-uri "
-                            "(or set MLFLOW_TRACKING_URI)")
+            raise UserError(f"no MLflow store at {path}: train first, or {hint}")
 
 
-def _check_sqlite_store(uri: str, path: str) -> None:
+def _check_sqlite_store(uri: str, path: str, hint: str) -> None:
     import sqlite3
     from pathlib import Path
 
@@ -191,8 +189,7 @@ def _check_sqlite_store(uri: str, path: str) -> None:
         raise UserError(f"cannot read the MLflow store at {uri}: {exc.strerror or exc}") from None
     if header != SQLITE_HEADER:
         what = "an empty file" if not header else "not an SQLite database"
-        raise UserError(f"no MLflow store at {uri}: {path} is {what}; pass --tracking-uri the sqlite:/// "
-                        "file pipeline train logged to (or set MLFLOW_TRACKING_URI)")
+        raise UserError(f"no MLflow store at {uri}: {path} is {what}; {hint}")
     try:  # read-only: a database of another program is left as it is
         con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
         try:
@@ -203,7 +200,7 @@ def _check_sqlite_store(uri: str, path: str) -> None:
         return  # locked, or the like: MLflow says what it is
     if "experiments" not in tables:
         raise UserError(f"no MLflow store at {uri}: {path} is an SQLite database of something else (no "
-                        "experiments table); pass --tracking-uri the sqlite:/// file pipeline train logged to")
+                        f"experiments table); {hint}")
 
 
 def _probe_server(uri: str) -> None:

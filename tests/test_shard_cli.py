@@ -304,3 +304,40 @@ def test_a_missing_index_says_whether_a_build_began_there(tmp_path, capsys):
     (empty / ".shard-plan.json").write_text("{}")  # what a build writes first
     assert main(["verify", str(empty)]) == 2
     assert "the build has not finished: rerun `pipeline shard` to resume" in capsys.readouterr().err
+
+
+def test_an_earlier_out_dir_inside_source_is_no_class_and_source_itself_is_refused(tmp_path, capsys):
+    import json
+
+    from pipeline.cli import main
+
+    src = make_label_folder(tmp_path / "src", ["cat", "dog"], 4)
+    assert main(["shard", str(src), str(src / "shards"), "--no-progress"]) == 0  # inside SOURCE: left out
+    capsys.readouterr()
+    # Another OUT_DIR, as the refusal of a rerun with other options advises: the first one is not a class.
+    assert main(["shard", str(src), str(src / "shards-5"), "--samples-per-shard", "5", "--no-progress"]) == 0
+    manifest = json.loads((src / "shards-5" / "index.json").read_text())
+    assert manifest["classes"] == ["cat", "dog"], manifest["classes"]
+    assert {"split": None, "source": "shards", "reason": "a shard set of an earlier `pipeline shard` (its OUT_DIR), "
+            "not a class folder"} in manifest["skipped"]
+    capsys.readouterr()
+    assert main(["shard", str(src), str(src), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "OUT_DIR is SOURCE" in err[0], err
+    assert not (src / "index.json").exists() and not (src / ".shard-plan.json").exists()
+
+
+def test_a_build_with_no_readable_image_leaves_nothing_that_refuses_the_mended_source(tmp_path, capsys):
+    from pipeline.cli import main
+
+    src = tmp_path / "junk"
+    for name in ("a", "b"):
+        (src / name).mkdir(parents=True)
+        (src / name / "1.jpg").write_bytes(b"not an image")
+    assert main(["shard", str(src), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "no readable image" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # no plan, no markers
+    for name in ("a", "b"):
+        (src / name / "1.jpg").unlink()
+    make_label_folder(src, ["a", "b"], 2)  # the source mended: real images in the same folders
+    assert main(["shard", str(src), str(tmp_path / "out"), "--no-progress"]) == 0, capsys.readouterr().err

@@ -82,6 +82,11 @@ def build(config: ShardConfig, *, log: TextIO | None = None) -> BuildReport:
     ordered = [results[p.name] for p in plans]
     skipped = [s.to_dict() for s in listing.skipped] + [s for r in ordered for s in r.skipped]
     if not any(r.samples for r in ordered):
+        # Nothing of the build is worth keeping: without its plan and markers, a rerun once the source is
+        # mended starts afresh instead of refusing OUT_DIR as another build's.
+        for entry in os.listdir(config.out_dir):
+            if _OUR_FILES.fullmatch(entry) or entry == PLAN_FILE:
+                (config.out_dir / entry).unlink(missing_ok=True)
         raise UserError(f"no readable image in {config.source}: all {len(skipped)} inputs were skipped "
                         f"({_reason_counts(skipped)})")
     manifest = build_manifest(source=config.source, fmt=listing.format, options=options,

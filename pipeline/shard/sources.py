@@ -169,8 +169,21 @@ def _list_imagefolder(root: Path, classes: tuple[str, ...] | None, exclude: Path
     # a relative, absolute or symlinked spelling of it is recognised alike.
     skip_dir = os.path.realpath(exclude) if exclude is not None else None
 
+    if skip_dir is not None and skip_dir == os.path.realpath(root):
+        raise UserError(f"OUT_DIR is SOURCE ({root}): give the shards a folder of their own (one inside SOURCE is "
+                        "left out of the listing)")
+    earlier_outputs: set[str] = set()  # folders of an earlier `pipeline shard` inside SOURCE: never classes
+
     def subdirs(path: Path) -> list[str]:
-        return [n for n in _subdirs(path) if os.path.realpath(path / n) != skip_dir]
+        names = []
+        for n in _subdirs(path):
+            if os.path.realpath(path / n) == skip_dir:
+                continue
+            if _is_shard_set(path / n):
+                earlier_outputs.add((path / n).relative_to(root).as_posix())
+                continue
+            names.append(n)
+        return names
 
     # ImageNet's layout with the val split already arranged by class: root/{train,val}/<class>/...
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir() and os.path.realpath(root / s) != skip_dir}
@@ -221,7 +234,14 @@ def _list_imagefolder(root: Path, classes: tuple[str, ...] | None, exclude: Path
                     skipped.append(Skip(split, shown, f"unreadable: {exc.strerror}"))
                     continue
                 records.append(Record(make_key(len(records)), label_of[name], shown, size, split, shown))
+    skipped += [Skip(None, d, "a shard set of an earlier `pipeline shard` (its OUT_DIR), not a class folder")
+                for d in sorted(earlier_outputs)]
     return Listing("imagefolder", root, tuple(classes), tuple(records), tuple(skipped), False, has_splits)
+
+
+def _is_shard_set(path: Path) -> bool:
+    """A folder a `pipeline shard` build wrote (its plan file is there from the build's start to the end)."""
+    return (path / ".shard-plan.json").is_file()  # pipeline.shard.build.PLAN_FILE
 
 
 def _subdirs(path: Path) -> list[str]:

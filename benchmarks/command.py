@@ -8,7 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 _DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 _DEFAULT_WORK = Path(__file__).resolve().parent / "data"
@@ -45,6 +45,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if not args.no_mlflow and not args.experiment.strip():
         raise UserError("--experiment is empty: give an MLflow experiment name, or --no-mlflow")
     stages = [s for s in STAGES if s not in ON_DEMAND] if args.stage == "all" else [args.stage]
+    if not args.no_mlflow:  # a store the report cannot go to is one line now, not after hours of benchmarks
+        _check_store()
     for folder in (args.out, args.workdir):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -62,6 +64,30 @@ def run_bench(args: argparse.Namespace) -> int:
     for kind, path in sorted(files.items()):
         print(f"{kind:>10}: {path}")
     if not args.no_mlflow:
-        run_id = log_to_mlflow(payload, files, experiment=args.experiment, run_name=stem)
+        try:
+            run_id = log_to_mlflow(payload, files, experiment=args.experiment, run_name=stem)
+        except Exception as exc:  # noqa: BLE001 - the store went away during the run: the report is on disk
+            raise UserError(f"the report is written ({files['markdown']}), but logging it to MLflow failed: "
+                            f"{first_line(exc)}") from None
         print(f"    mlflow: experiment {args.experiment!r}, run {run_id}")
     return 1 if payload["errors"] else 0
+
+
+def _check_store() -> None:
+    """The MLflow store the report will go to: a known scheme, an SQLite file (or a new one), a server that
+    answers, with short HTTP waits."""
+    import os
+
+    from pipeline.train.launch import check_tracking_uri
+    from pipeline.train.runs import check_store
+    from pipeline.train.tracking_queue import http_env_defaults
+
+    http_env_defaults()
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns.db")
+    hint = "set MLFLOW_TRACKING_URI to a store that answers, or pass --no-mlflow"
+    try:
+        check_tracking_uri(uri)
+        if uri.lower().startswith(("http://", "https://")):
+            check_store(uri, hint=hint)
+    except UserError as exc:
+        raise UserError(f"{exc} ({hint})" if hint not in str(exc) else str(exc)) from None

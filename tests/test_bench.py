@@ -63,6 +63,10 @@ def test_host_load_records_steal_per_case_and_the_report_names_a_noisy_host():
             time.sleep(0.1)  # the machine's CPU time advances whatever it does
     assert len(host.params("a")["load_avg_1m"]) == 2
     assert len(host.params("a")["cpu_steal"]) == 2 and all(0 <= v <= 1 for v in host.params("a")["cpu_steal"])
+    with host.run("b"):
+        time.sleep(0.1)
+    assert len(host.params("b")["load_avg_1m"]) == 3  # every run so far, in order
+    assert len(host.case_params("b")["load_avg_1m"]) == 1 and len(host.case_params("a")["load_avg_1m"]) == 2
     payload = _payload()
     payload["results"][0]["params"]["cpu_steal"] = [0.02, 0.31]
     assert "**Noisy host:**" in markdown(payload) and "(steal, worst run: pass-through 31%)" in markdown(payload)
@@ -267,3 +271,19 @@ def test_stage_module_writes_the_suites_report(tmp_path):
     assert files["json"].name.startswith("2026-01-01-") and files["json"].name.endswith("-shard.json")
     assert saved["command"] == "python -m benchmarks.shard_bench --repeats 2" and saved["stages"] == ["shard"]
     assert [r["median"] for r in saved["results"]] == [100.0, 52.5, 200.0] and saved["goals"][0]["met"] is False
+
+
+@pytest.mark.parametrize("store, says", [
+    ("http://127.0.0.1:1", "cannot reach the MLflow server at http://127.0.0.1:1"),
+    ("htp://127.0.0.1:5000", "MLflow has no store for htp://"),
+], ids=["server down", "unknown scheme"])
+def test_a_store_the_report_cannot_go_to_is_one_line_before_any_benchmark(tmp_path, capsys, monkeypatch, store, says):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    assert main(["bench", "shard", "--quick", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pipeline bench: error: ") and says in err[0], err
+    assert "--no-mlflow" in err[0], err
+    assert not list((tmp_path / "out").glob("*.json"))  # nothing was measured

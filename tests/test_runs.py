@@ -105,7 +105,7 @@ def test_runs_refuses_a_store_uri_it_cannot_read_in_one_line_touching_nothing(tm
         f"sqlite:///{tmp_path / 'notes.db'}": "is not an SQLite database",
         f"sqlite:///{tmp_path / 'empty.db'}": "is an empty file",
         f"sqlite:///{tmp_path / 'other.db'}": "SQLite database of something else",
-        "foo://bar": "got unsupported URI 'foo://bar'",
+        "foo://bar": "MLflow has no store for foo://",
         str(tmp_path / "dir"): "file store",
         (tmp_path / "dir").as_uri(): "file store",
         str(tmp_path / "nodir"): "no MLflow store at",

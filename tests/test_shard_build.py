@@ -131,6 +131,8 @@ def test_verify_passes_then_catches_flipped_byte_and_truncation(messy, tmp_path,
     broken.mkdir()
     for name, data in dir_bytes(out).items():
         (broken / name).write_bytes(data)
+    for marker in out.glob(".*.json"):  # the build's plan and done markers: the copy is a whole build
+        (broken / marker.name).write_bytes(marker.read_bytes())
     tar0, tar1 = broken / "train-000000.tar", broken / "train-000001.tar"
     data = bytearray(tar0.read_bytes())
     data[600] ^= 0x01  # inside the first image's bytes
@@ -142,6 +144,15 @@ def test_verify_passes_then_catches_flipped_byte_and_truncation(messy, tmp_path,
     assert "train-000000.tar: sha256 does not match" in err
     assert "train-000001.tar: size 1500 bytes" in err
     assert "train-000002.tar" not in err
+    assert err.strip().splitlines()[-1].startswith("to rebuild a damaged shard: delete its .tar and run the same")
+    # As it says: the build rewrites the deleted shards, byte for byte, and verify passes.
+    tar0.unlink()
+    tar1.unlink()
+    src = messy[0]
+    assert shard(src, broken, "--max-pixels", str(MAX_PIXELS), "--val-fraction", "0.25", "--samples-per-shard", "5",
+                 "--workers", "2") == 0
+    assert dir_bytes(broken) == dir_bytes(out)
+    assert main(["verify", str(broken)]) == 0
 
 
 def test_classes_file_fixes_mapping(tmp_path):

@@ -46,7 +46,7 @@ def _cases(tmp: Path, good: Path) -> dict[str, tuple[list[str], str]]:
                                      "--val-fraction", "0.1"], "conflicts with the val split"),
         "folder not in classes": (["shard", str(good), str(tmp / "o12"), "--classes", str(tmp / "classes.txt")],
                                   "'b' in"),
-        "verify without manifest": (["verify", str(tmp / "nope")], "no index.json"),
+        "verify without manifest": (["verify", str(tmp / "nope")], f"{tmp / 'nope'} does not exist"),
     }
 
 

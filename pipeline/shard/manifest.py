@@ -57,6 +57,8 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
             manifest = json.load(f)
     except FileNotFoundError:
         started = Path(shard_dir, ".shard-plan.json").is_file()  # build.PLAN_FILE: a build began here
+        if not started and not Path(shard_dir).exists():
+            raise UserError(f"{shard_dir} does not exist") from None
         hint = (" (the build has not finished: rerun `pipeline shard` to resume)" if started
                 else " (not a shard directory: `pipeline shard SOURCE DIR` makes one)" if Path(shard_dir).is_dir()
                 else "")

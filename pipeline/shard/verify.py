@@ -128,10 +128,15 @@ def _check_member(key: str, ext: str, data: bytes, num_classes: int) -> list[str
     return [] if mode == "RGB" else [f"sample {key}: image mode {mode}, expected RGB"]
 
 
+# A rerun of the build rewrites a shard whose tar is gone or has another size than its done marker records.
+REPAIR = ("to rebuild a damaged shard: delete its .tar and run the same `pipeline shard` command again "
+          "(the source must still be there); it rewrites only the shards that are missing")
+
+
 def format_report(problems: list[str], counts: dict[str, int]) -> str:
-    """One line per problem, or a one-line all-clear."""
+    """One line per problem and how to mend the shards, or a one-line all-clear."""
     if problems:
-        return "\n".join(problems)
+        return "\n".join([*problems, REPAIR])
     return "ok: " + ", ".join(f"{n} {s} samples" for s, n in counts.items()) + " verified"
 
 

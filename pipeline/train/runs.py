@@ -160,8 +160,11 @@ def check_store(uri: str, hint: str = "pass --tracking-uri (or set MLFLOW_TRACKI
     a ``sqlite:///`` file that is missing or is not an MLflow SQLite database (MLflow would turn an empty
     or foreign one into its own), or an ``http(s)://`` server that does not answer (MLflow would retry
     for minutes in silence). ``hint``: how the user names another store."""
+    from pipeline.train.launch import check_tracking_uri
     from pipeline.train.tracking import missing_sqlite_store
 
+    if not uri.startswith("sqlite:"):  # SQLite files are checked below, as stores to read
+        check_tracking_uri(uri)  # a scheme MLflow has no store for
     missing = missing_sqlite_store(uri)
     if missing:
         raise UserError(f"no MLflow store at {missing}: train first, or {hint}")

@@ -1,4 +1,4 @@
-"""Mistakes ``pipeline train`` finds before Ray starts: one error line, exit 2, no Ray, no MLflow run touched.
+"""Mistakes ``pipeline train`` finds before Ray starts: one error line, exit 2, nothing made, no MLflow run touched.
 
 Each of these used to pass the driver and fail in every worker, three times over, after Ray had started
 (and, for a reused ``run.name``, marked the earlier run FAILED). Real files: shard sets built by
@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from conftest import make_label_folder
@@ -33,8 +32,10 @@ def work(tmp_path_factory):
     return root
 
 
-def _train_error(work, tmp_path, capsys, *sets: str, shards: str = "shards", init_from: str | None = None) -> str:
-    """The one stderr line of a ``pipeline train`` that fails before Ray starts (exit 2, nothing on stdout)."""
+def _train_error(work, tmp_path, capsys, *sets: str, shards: str = "shards", init_from: str | None = None,
+                 earlier_job: bool = False) -> str:
+    """The one stderr line of a ``pipeline train`` that fails before it starts (exit 2, nothing on stdout), and
+    the job's directory, made just before Ray starts, not made (``earlier_job``: it was there before)."""
     args = ["train", "--config", "fashion_mnist", "--set", f"data.shards={work / shards}",
             "--set", f"run.storage_path={tmp_path / 'rr'}", "--set", "run.name=job",
             "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}"]
@@ -46,7 +47,7 @@ def _train_error(work, tmp_path, capsys, *sets: str, shards: str = "shards", ini
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pipeline train: error: "), captured.err
-    assert not ray.is_initialized()
+    assert earlier_job or not (tmp_path / "rr").exists()
     return err[0]
 
 
@@ -92,7 +93,7 @@ def _finished_job(storage: Path, model: str) -> None:
 def test_a_run_name_that_holds_another_model_is_one_line_and_its_run_is_left_alone(work, tmp_path, capsys):
     _finished_job(tmp_path / "rr" / "job", "fmnist_resnet")
     before = sorted(p.name for p in (tmp_path / "rr" / "job").rglob("*"))
-    line = _train_error(work, tmp_path, capsys)  # the config trains seed_cnn
+    line = _train_error(work, tmp_path, capsys, earlier_job=True)  # the config trains seed_cnn
     assert "run.name=job continues from its checkpoint at step 8" in line, line
     assert "model fmnist_resnet (now seed_cnn)" in line and "another run.name" in line, line
     assert sorted(p.name for p in (tmp_path / "rr" / "job").rglob("*")) == before

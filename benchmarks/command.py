@@ -78,8 +78,8 @@ def _check_store() -> None:
     answers, with short HTTP waits."""
     import os
 
-    from pipeline.train.launch import check_tracking_uri
     from pipeline.train.runs import check_store
+    from pipeline.train.tracking import check_tracking_uri
     from pipeline.train.tracking_queue import http_env_defaults
 
     http_env_defaults()

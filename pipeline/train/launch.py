@@ -290,45 +290,6 @@ def _controller_env(cfg: TrainConfig) -> contextlib.AbstractContextManager:
     return _environ({} if timeout is None else {GROUP_START_TIMEOUT_ENV: str(float(timeout))})
 
 
-def check_tracking_uri(uri: str) -> None:
-    """One line for a tracking URI no job can log to, before anything starts: an ``sqlite:///`` path that is a
-    directory or a file of something else (MLflow would retry for minutes, then raise), or a scheme MLflow does
-    not know (the workers would keep every record back as refused, and the job would end well)."""
-    from pipeline.train.runs import SQLITE_HEADER
-
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        if os.path.isdir(path):
-            raise UserError(f"tracking URI {uri}: {path} is a directory; an SQLite store is a file, "
-                            "e.g. sqlite:///mlruns.db")
-        try:
-            with open(path, "rb") as f:
-                header = f.read(len(SQLITE_HEADER))
-        except FileNotFoundError:
-            return  # a new store: made before the job starts
-        except OSError as exc:
-            raise UserError(f"tracking URI {uri}: cannot read {path}: {exc.strerror or exc}") from None
-        if header and header != SQLITE_HEADER:
-            raise UserError(f"tracking URI {uri}: {path} is not an SQLite database; give the store's own file "
-                            "or a new one, e.g. sqlite:///mlruns.db")
-        return
-    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
-    if scheme and scheme.split("+", 1)[0] not in _KNOWN_STORES:  # a store plugin's scheme, or a typo
-        import mlflow
-
-        try:
-            mlflow.MlflowClient(uri)  # picks the store for the scheme: no request is made
-        except Exception:  # noqa: BLE001 - MLflow's "unsupported URI" errors have several types
-            raise UserError(f"tracking URI {uri}: MLflow has no store for {scheme}://; use "
-                            "sqlite:///FILE, http(s)://HOST:PORT or a directory") from None
-
-
-# Schemes MLflow's own stores serve (a database's with its driver, e.g. postgresql+psycopg2): not opened to
-# check, since a database store connects and migrates its schema when it is made.
-_KNOWN_STORES = frozenset({"http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks",
-                           "databricks-uc", "uc"})
-
-
 def _create_sqlite_store(uri: str, verbose: bool = False) -> None:
     """Create (or migrate) a local SQLite store once, here, before any worker opens it.
 
@@ -370,8 +331,8 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     from pipeline.train.ray_output import quiet_ray_output
     from pipeline.train.resume import newest_complete, newest_global_step, prune_unkept
     from pipeline.train.topology import check_nodes, index_digest
-    from pipeline.train.tracking import (default_artifact_location, find_job_run, job_run_id, resolve_tracking_uri,
-                                         tracking_behind)
+    from pipeline.train.tracking import (check_tracking_uri, default_artifact_location, find_job_run, job_run_id,
+                                         resolve_tracking_uri, tracking_behind)
 
     cfg = resolve_paths(cfg)
     # A missing or partial shard set, or weights that cannot fit, is a user error before any worker starts.
@@ -634,4 +595,4 @@ def summary(res: TrainResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["JobFailed", "TrainResult", "check_tracking_uri", "fit", "resolve_paths", "summary"]
+__all__ = ["JobFailed", "TrainResult", "fit", "resolve_paths", "summary"]

@@ -140,7 +140,6 @@ def _pick_experiment(client, name: str | None):
     return exps[0]
 
 
-SQLITE_HEADER = b"SQLite format 3\0"
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -160,8 +159,7 @@ def check_store(uri: str, hint: str = "pass --tracking-uri (or set MLFLOW_TRACKI
     a ``sqlite:///`` file that is missing or is not an MLflow SQLite database (MLflow would turn an empty
     or foreign one into its own), or an ``http(s)://`` server that does not answer (MLflow would retry
     for minutes in silence). ``hint``: how the user names another store."""
-    from pipeline.train.launch import check_tracking_uri
-    from pipeline.train.tracking import missing_sqlite_store
+    from pipeline.train.tracking import check_tracking_uri, missing_sqlite_store
 
     if not uri.startswith("sqlite:"):  # SQLite files are checked below, as stores to read
         check_tracking_uri(uri)  # a scheme MLflow has no store for
@@ -185,9 +183,10 @@ def _check_sqlite_store(uri: str, path: str, hint: str) -> None:
     import sqlite3
     from pathlib import Path
 
+    from pipeline.train.tracking import SQLITE_HEADER, sqlite_header
+
     try:
-        with open(path, "rb") as f:
-            header = f.read(len(SQLITE_HEADER))
+        header = sqlite_header(path)
     except OSError as exc:
         raise UserError(f"cannot read the MLflow store at {uri}: {exc.strerror or exc}") from None
     if header != SQLITE_HEADER:

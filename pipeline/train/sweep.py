@@ -407,12 +407,11 @@ def run_sweep(sweep: Sweep, *, max_concurrent: int | None = None, verbose: bool 
     import ray
 
     from pipeline.fileio import is_uri
-    from pipeline.train.launch import (_create_sqlite_store, _environ, check_ray, check_tracking_uri, ensure_ray,
-                                       resolve_paths)
+    from pipeline.train.launch import _create_sqlite_store, _environ, check_ray, ensure_ray, resolve_paths
     from pipeline.train.preempt import clear_stop, exit_code, stop_on_signals
     from pipeline.train.ray_output import quiet_ray_output
     from pipeline.train.runs import format_table
-    from pipeline.train.tracking import default_artifact_location, resolve_tracking_uri
+    from pipeline.train.tracking import check_tracking_uri, default_artifact_location, resolve_tracking_uri
 
     base = resolve_paths(validate(sweep))
     if not base.tracking.enabled:

@@ -47,6 +47,51 @@ def missing_sqlite_store(uri: str) -> str | None:
     return None if Path(path).is_file() else path
 
 
+SQLITE_HEADER = b"SQLite format 3\0"
+
+
+def sqlite_header(path: str) -> bytes:
+    """The first bytes of ``path``, as many as an SQLite database's header (``OSError`` when it cannot be read)."""
+    with open(path, "rb") as f:
+        return f.read(len(SQLITE_HEADER))
+
+
+def check_tracking_uri(uri: str) -> None:
+    """One line for a tracking URI no job can log to, before anything starts: an ``sqlite:///`` path that is a
+    directory or a file of something else (MLflow would retry for minutes, then raise), or a scheme MLflow does
+    not know (the workers would keep every record back as refused, and the job would end well)."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if os.path.isdir(path):
+            raise UserError(f"tracking URI {uri}: {path} is a directory; an SQLite store is a file, "
+                            "e.g. sqlite:///mlruns.db")
+        try:
+            header = sqlite_header(path)
+        except FileNotFoundError:
+            return  # a new store: made before the job starts
+        except OSError as exc:
+            raise UserError(f"tracking URI {uri}: cannot read {path}: {exc.strerror or exc}") from None
+        if header and header != SQLITE_HEADER:
+            raise UserError(f"tracking URI {uri}: {path} is not an SQLite database; give the store's own file "
+                            "or a new one, e.g. sqlite:///mlruns.db")
+        return
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme and scheme.split("+", 1)[0] not in _KNOWN_STORES:  # a store plugin's scheme, or a typo
+        import mlflow
+
+        try:
+            mlflow.MlflowClient(uri)  # picks the store for the scheme: no request is made
+        except Exception:  # noqa: BLE001 - MLflow's "unsupported URI" errors have several types
+            raise UserError(f"tracking URI {uri}: MLflow has no store for {scheme}://; use "
+                            "sqlite:///FILE, http(s)://HOST:PORT or a directory") from None
+
+
+# Schemes MLflow's own stores serve (a database's with its driver, e.g. postgresql+psycopg2): not opened to
+# check, since a database store connects and migrates its schema when it is made.
+_KNOWN_STORES = frozenset({"http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks",
+                           "databricks-uc", "uc"})
+
+
 def resolve_tracking_uri(configured: str | None, cwd: Path | None = None) -> str:
     """``tracking.tracking_uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///mlruns.db``, local paths made absolute.
 
@@ -438,7 +483,7 @@ def confusion_figure(classes: list[str], confusion):
 
 
 __all__ = [
-    "DEFAULT_TRACKING_URI", "NullTracker", "RUN_KEY_TAG", "Tracker", "confusion_figure", "default_artifact_location",
-    "find_job_run", "find_run", "job_run_id", "missing_sqlite_store", "per_class_table", "resolve_tracking_uri",
-    "spool_dir_for", "tracking_behind", "ui_hint",
+    "DEFAULT_TRACKING_URI", "NullTracker", "RUN_KEY_TAG", "SQLITE_HEADER", "Tracker", "check_tracking_uri",
+    "confusion_figure", "default_artifact_location", "find_job_run", "find_run", "job_run_id", "missing_sqlite_store",
+    "per_class_table", "resolve_tracking_uri", "spool_dir_for", "sqlite_header", "tracking_behind", "ui_hint",
 ]

@@ -161,13 +161,12 @@ def _check_splits(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
                         "to make one, or set data.val_split=train") from None
 
 
-def _check_resume(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
-    """A job that continues from its checkpoint must train the model it saved, on inputs of the same shape and
-    classes: otherwise every rank fails to load it, after Ray has started, and the earlier run is marked FAILED."""
-    from pipeline.data.presets import get_preset
+def _check_resume(cfg: TrainConfig, manifest: dict[str, Any], storage_dir: str) -> None:
+    """A job that continues from its checkpoint in ``storage_dir`` must train the model it saved, on inputs of the
+    same shape and classes: otherwise every rank fails to load it, after Ray has started, and the earlier run is
+    marked FAILED."""
     from pipeline.train.resume import newest_complete_meta
 
-    storage_dir = f"{str(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
     try:
         newest = newest_complete_meta(storage_dir)
     except (OSError, ValueError):  # storage that cannot be listed: the job's own start says so
@@ -175,7 +174,7 @@ def _check_resume(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
     if newest is None:
         return
     _, meta = newest
-    channels, size, _ = get_preset(cfg.data.preset or manifest["preset"]).output_shape()
+    channels, size = _input_shape(cfg, manifest)
     now = {"model": cfg.model.name, "width": cfg.model.width, "num_classes": int(manifest["num_classes"]),
            "in_channels": channels, "image_size": size}
     differ = [f"{k} {meta[k]} (now {v})" for k, v in now.items() if k in meta and meta[k] != v]
@@ -204,17 +203,23 @@ def _check_init_from(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
         _check_fits(cfg, manifest, meta.get("model"), (meta.get("in_channels"), meta.get("image_size")))
 
 
+def _input_shape(cfg: TrainConfig, manifest: dict[str, Any]) -> tuple[int, int]:
+    """(channels, size) of the model's inputs: the config's ``data.preset``, else the shards'."""
+    from pipeline.data.presets import get_preset
+
+    channels, size, _ = get_preset(cfg.data.preset or manifest["preset"]).output_shape()
+    return channels, size
+
+
 def _check_fits(cfg: TrainConfig, manifest: dict[str, Any], trained: str | None,
                 inputs: tuple[Any, Any] | None) -> None:
     """``--init-from`` weights of model ``trained`` for ``inputs`` (channels, size) must suit the config and shards;
     None: not known."""
-    from pipeline.data.presets import get_preset
-
     src = cfg.train.init_from
     if trained is not None and trained != cfg.model.name:
         raise UserError(f"--init-from {src} holds a {trained} model, the config trains {cfg.model.name}: "
                         f"set model.name={trained}")
-    channels, size, _ = get_preset(cfg.data.preset or manifest["preset"]).output_shape()
+    channels, size = _input_shape(cfg, manifest)
     if inputs is not None and inputs != (channels, size):
         raise UserError(f"--init-from {src} was trained on {inputs[0]}×{inputs[1]}² inputs, "
                         f"the shards' preset gives {channels}×{size}²: set data.preset to match")
@@ -337,8 +342,9 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     cfg = resolve_paths(cfg)
     # A missing or partial shard set, or weights that cannot fit, is a user error before any worker starts.
     manifest = read_manifest(cfg.data.shards)
+    storage_dir = f"{str(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
     _check_splits(cfg, manifest)
-    _check_resume(cfg, manifest)
+    _check_resume(cfg, manifest, storage_dir)
     _check_init_from(cfg, manifest)
     if not ray.is_initialized():
         check_ray(cfg)
@@ -350,7 +356,6 @@ def fit(cfg: TrainConfig, *, verbose: bool = False, console: bool = True, run_ta
     _check_mlflow_init_from(cfg, manifest, tracking_uri)  # first: a store that is not there holds no model
     if tracking_uri and tracking_uri.startswith("sqlite:///"):
         _create_sqlite_store(tracking_uri, verbose)
-    storage_dir = f"{str(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
     local_storage = not is_uri(storage_dir)  # stop requests and the tracking spool are files there
     loop_config = {
         "cfg": cfg.to_dict(),

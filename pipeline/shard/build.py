@@ -17,12 +17,11 @@ from pipeline.fileio import make_writable_dir
 from pipeline.progress import Progress
 from pipeline.shard.config import ShardConfig
 from pipeline.shard.executors import connect, run_tasks
-from pipeline.shard.manifest import MANIFEST, build_manifest
+from pipeline.shard.manifest import MANIFEST, PLAN_FILE, build_manifest
 from pipeline.shard.plan import ShardPlan, fingerprint, make_plan
 from pipeline.shard.sources import Listing, list_source
 from pipeline.shard.write import ShardResult, read_done, write_json_atomic
 
-PLAN_FILE = ".shard-plan.json"
 _OUR_FILES = re.compile(r"(train|val)-\d{6}\.(tar|idx)|\.(train|val)-\d{6}\.done\.json|index\.json")
 _OUR_TMP = re.compile(r"\.((train|val)-\d{6}\.(tar|idx)|\.(train|val)-\d{6}\.done\.json|index\.json)\.tmp-\d+")
 

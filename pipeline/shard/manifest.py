@@ -11,6 +11,7 @@ from pipeline.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "index.json"
+PLAN_FILE = ".shard-plan.json"  # written first by a build and kept: the folder holds (or will hold) a shard set
 DEFAULT_PRESETS = {"mnist-idx": "mnist", "cifar10": "cifar", "imagefolder": "imagenet", "imagenet-tar": "imagenet",
                    "imagenet-kaggle": "imagenet"}
 
@@ -56,7 +57,7 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except FileNotFoundError:
-        started = Path(shard_dir, ".shard-plan.json").is_file()  # build.PLAN_FILE: a build began here
+        started = Path(shard_dir, PLAN_FILE).is_file()  # a build began here
         if not started and not Path(shard_dir).exists():
             raise UserError(f"{shard_dir} does not exist") from None
         hint = (" (the build has not finished: rerun `pipeline shard` to resume)" if started

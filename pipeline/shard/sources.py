@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.shard.manifest import PLAN_FILE
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
@@ -241,7 +242,7 @@ def _list_imagefolder(root: Path, classes: tuple[str, ...] | None, exclude: Path
 
 def _is_shard_set(path: Path) -> bool:
     """A folder a `pipeline shard` build wrote (its plan file is there from the build's start to the end)."""
-    return (path / ".shard-plan.json").is_file()  # pipeline.shard.build.PLAN_FILE
+    return (path / PLAN_FILE).is_file()
 
 
 def _subdirs(path: Path) -> list[str]:

@@ -155,6 +155,15 @@ class HostLoad:
         return {**self.params(case), "load_avg_1m": [round(x, 2) for x in self.case_load.get(case, [])]}
 
 
+def load_range(loads: list[float], steal: list[float], unit: str) -> str:
+    """"Load average (1 min) at the <unit>s' starts LO–HI, CPU steal at most X of a <unit>": the host's side of a
+    run, from ``HostLoad``'s per-run figures ("" when none were recorded)."""
+    if not loads:
+        return ""
+    line = f"Load average (1 min) at the {unit}s' starts {min(loads):.2f}–{max(loads):.2f}"
+    return line + (f", CPU steal at most {max(steal):.1%} of a {unit}" if steal else "")
+
+
 def steal_note(results: list[dict[str, Any]]) -> str | None:
     """A line naming the cases (``Result.to_dict()`` records) that lost more than ``STEAL_NOTE`` of the
     machine's CPU time to other guests in one of their runs; None when none did or none was measured."""

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import HostLoad, Ratio, Result, machine_info, steal_note
+from benchmarks.common import HostLoad, Ratio, Result, load_range, machine_info, steal_note
 
 SIZES = (5_000, 20_000, 50_000)
 QUICK_SIZES = (200, 400)
@@ -261,10 +261,10 @@ def _planning(workdir: Path, quick: bool, host: HostLoad | None = None) -> list[
     train, val = (5_000, 500) if quick else (IMAGENET_TRAIN, IMAGENET_VAL)
     worlds = [8, 64, 512]
     out = []
+    host = host or HostLoad()
     for name, setting in SETTINGS.items():
         d = workdir / f"plan_{name}"
         shutil.rmtree(d, ignore_errors=True)
-        host = host or HostLoad()
         with host.run(f"imagenet plan {name}"):
             r = _run_child("plan", {"train": train, "val": val, "classes": IMAGENET_CLASSES, "dir": str(d),
                                     "worlds": worlds, **setting})
@@ -391,12 +391,11 @@ def markdown(results: list[Result], info: dict[str, Any]) -> str:
 def host_line(results: list[Result]) -> str:
     """What else the machine did during the steps: the range of the 1-minute load average at their starts, the
     most CPU time any step lost to other guests (steal), and ``steal_note``'s warning when one lost too much."""
-    loads = [x for r in results for x in r.params.get("load_avg_1m", [])]
-    steal = [x for r in results for x in r.params.get("cpu_steal", [])]
-    if not loads:
+    line = load_range([x for r in results for x in r.params.get("load_avg_1m", [])],
+                      [x for r in results for x in r.params.get("cpu_steal", [])], "step")
+    if not line:
         return ""
-    line = f"Load average (1 min) at the steps' starts {min(loads):.2f}–{max(loads):.2f}"
-    line += f", CPU steal at most {max(steal):.1%} of a step." if steal else "."
+    line += "."
     note = steal_note([r.to_dict() for r in results])
     return f"{line} Note: {note}." if note else line
 

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import HostLoad, machine_info
+from benchmarks.common import HostLoad, load_range, machine_info
 
 CASES = ("off", "tracking", "server-down")
 LOG_EVERY = 10
@@ -139,10 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c:12s} median {res['median'][c]:7.0f} img/s  (min {min(v):.0f}, max {max(v):.0f})  "
               f"× {res['ratio_to_off'][c]:.3f} of off;  CPU {res['cpu_median'][c] * 1000:.2f} ms/step "
               f"(min {min(w) * 1000:.2f}, max {max(w) * 1000:.2f})  × {res['cpu_ratio_to_off'][c]:.3f} of off")
-    loads = [x for c in CASES for x in res["host"][c]["load_avg_1m"]]
-    steal = [x for c in CASES for x in res["host"][c].get("cpu_steal", [])]
-    print(f"load average (1 min) at the runs' starts {min(loads):.2f}-{max(loads):.2f}"
-          + (f", CPU steal at most {max(steal):.1%} of a run" if steal else ""))
+    print(load_range([x for c in CASES for x in res["host"][c]["load_avg_1m"]],
+                     [x for c in CASES for x in res["host"][c].get("cpu_steal", [])], "run"))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     return 0

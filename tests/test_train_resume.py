@@ -262,9 +262,14 @@ def _losses(uri: str, run) -> list[tuple[int, float]]:
 
 
 def _wait_for_mid_epoch_checkpoint(storage: Path, timeout: float = 300) -> None:
+    """Until the job has a complete checkpoint on storage (``meta.json``, ``state.pt`` and every rank's file),
+    the progress ``fit`` counts: one rank's file alone is a checkpoint still being written, and a kill then
+    leaves the job nothing to start again from."""
+    from pipeline.train.resume import newest_global_step
+
     deadline = time.monotonic() + timeout
-    while not any((p / "rank-1.pt").is_file() for p in storage.glob("checkpoint_*")):
-        assert time.monotonic() < deadline, f"no checkpoint under {storage}"
+    while newest_global_step(str(storage)) < 0:
+        assert time.monotonic() < deadline, f"no complete checkpoint under {storage}"
         time.sleep(0.05)
 
 

@@ -23,6 +23,7 @@ from pipeline.errors import UserError
 from pipeline.train.checkpoint import load_meta, load_state
 from pipeline.train.config import load_config
 from pipeline.train.launch import fit
+from pipeline.train.resume import newest_global_step
 from pipeline.train.state import best_dir
 from pipeline.train.step import resolve_precision
 from pipeline.train.tracking import RUN_KEY_TAG
@@ -57,9 +58,10 @@ def _cfg(work, name: str, *extra: str, shards: Path | None = None):
 
 
 def _kill_a_worker_after_first_checkpoint(storage: Path, killed: list[int], stop: threading.Event) -> None:
-    """Chaos: once epoch 1's checkpoint exists, SIGKILL one Ray Train worker started by this test process."""
+    """Chaos: once epoch 1's checkpoint is complete on storage, SIGKILL one Ray Train worker started by this
+    test process (a directory alone may hold only one rank's upload so far: nothing to resume from)."""
     while not stop.is_set():
-        if any(p.is_dir() for p in storage.glob("checkpoint_*")):
+        if newest_global_step(str(storage)) >= 0:
             workers = descendants_with(os.getpid(), b"RayTrainWorker")
             if workers:
                 os.kill(workers[0], signal.SIGKILL)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -33,3 +39,33 @@ def descendants_with(root: int, needle: bytes) -> list[int]:
         except OSError:
             continue  # the process ended while we read
     return found
+
+
+@contextmanager
+def a_worker_killed_after_a_checkpoint(storage: Path) -> Iterator[list[int]]:
+    """Chaos beside a job run in the block: once the job under ``storage`` has a complete checkpoint
+    (``meta.json``, ``state.pt`` and every rank's file: the progress ``fit`` and a restarted group go by;
+    a checkpoint directory may hold one rank's upload only), SIGKILL one Ray Train worker this test process
+    started. Yields the list the killed pid goes into."""
+    from pipeline.train.resume import newest_global_step
+
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def chaos() -> None:
+        while not stop.is_set():
+            if newest_global_step(str(storage)) >= 0:
+                workers = descendants_with(os.getpid(), b"RayTrainWorker")
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed.append(workers[0])
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=chaos, daemon=True)
+    watcher.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        watcher.join()

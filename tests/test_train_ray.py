@@ -8,10 +8,6 @@ Ray Train runs are expensive here, so three runs serve all tests, in order:
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import mlflow
@@ -23,12 +19,11 @@ from pipeline.errors import UserError
 from pipeline.train.checkpoint import load_meta, load_state
 from pipeline.train.config import load_config
 from pipeline.train.launch import fit
-from pipeline.train.resume import newest_global_step
 from pipeline.train.state import best_dir
 from pipeline.train.step import resolve_precision
 from pipeline.train.tracking import RUN_KEY_TAG
 from conftest import make_label_folder
-from _proc import descendants_with
+from _proc import a_worker_killed_after_a_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -57,33 +52,12 @@ def _cfg(work, name: str, *extra: str, shards: Path | None = None):
     ])
 
 
-def _kill_a_worker_after_first_checkpoint(storage: Path, killed: list[int], stop: threading.Event) -> None:
-    """Chaos: once epoch 1's checkpoint is complete on storage, SIGKILL one Ray Train worker started by this
-    test process (a directory alone may hold only one rank's upload so far: nothing to resume from)."""
-    while not stop.is_set():
-        if newest_global_step(str(storage)) >= 0:
-            workers = descendants_with(os.getpid(), b"RayTrainWorker")
-            if workers:
-                os.kill(workers[0], signal.SIGKILL)
-                killed.append(workers[0])
-                return
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def killed_run(work, ray_local):
     # With a weight average: it must come back from the checkpoint with the rest of the state.
     cfg = _cfg(work, "fm-job", "train.epochs=3", "run.max_failures=2", "train.ema_decay=0.99")
-    killed: list[int] = []
-    stop = threading.Event()
-    watcher = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
-                               args=(work["root"] / "ray_results" / "fm-job", killed, stop), daemon=True)
-    watcher.start()
-    try:
+    with a_worker_killed_after_a_checkpoint(work["root"] / "ray_results" / "fm-job") as killed:
         result = fit(cfg)
-    finally:
-        stop.set()
-        watcher.join()
     return result, killed
 
 

@@ -27,7 +27,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from pipeline.data import LoaderOptions, build_loader
 from pipeline.train.preempt import (Control, clear_stop, drop_worker_stop, exit_code, read_checkpoint_request, read_stop,
                                     request_checkpoint, request_stop)
 from pipeline.train.state import rng_state, set_rng_state
-from _proc import descendants_with
+from _proc import a_worker_killed_after_a_checkpoint
 
 EPOCHS, STEPS = 1, 8  # 1024 images, 2 workers x batch 64
 
@@ -262,9 +261,8 @@ def _losses(uri: str, run) -> list[tuple[int, float]]:
 
 
 def _wait_for_mid_epoch_checkpoint(storage: Path, timeout: float = 300) -> None:
-    """Until the job has a complete checkpoint on storage (``meta.json``, ``state.pt`` and every rank's file),
-    the progress ``fit`` counts: one rank's file alone is a checkpoint still being written, and a kill then
-    leaves the job nothing to start again from."""
+    """Until the job has a complete checkpoint on storage (``meta.json``, ``state.pt`` and every rank's file):
+    one rank's file alone is a checkpoint still being written."""
     from pipeline.train.resume import newest_global_step
 
     deadline = time.monotonic() + timeout
@@ -282,21 +280,10 @@ def jobs(shards, tmp_path_factory, ray_local):
     uri = f"sqlite:///{root}/mlruns.db"
     reference = fit(load_config("fashion_mnist", _overrides(shards, root, "reference")))
 
-    killed: list[int] = []
-
-    def chaos() -> None:
-        _wait_for_mid_epoch_checkpoint(root / "ray_results" / "killed")
-        workers = descendants_with(os.getpid(), b"RayTrainWorker")
-        if workers:
-            os.kill(workers[0], signal.SIGKILL)
-            killed.append(workers[0])
-
-    watcher = threading.Thread(target=chaos, daemon=True)
-    watcher.start()
     # max_failures=0: Ray Train gives up at the kill, and fit starts the job again because it checkpointed
     # since it started (``launch._start_again``): the budget counts failures without progress between them.
-    killed_result = fit(load_config("fashion_mnist", _overrides(shards, root, "killed") + ["run.max_failures=0"]))
-    watcher.join(timeout=1)
+    with a_worker_killed_after_a_checkpoint(root / "ray_results" / "killed") as killed:
+        killed_result = fit(load_config("fashion_mnist", _overrides(shards, root, "killed") + ["run.max_failures=0"]))
     return {"root": root, "uri": uri, "reference": reference, "killed": killed_result, "killed_pids": killed}
 
 

@@ -156,8 +156,8 @@ class HostLoad:
 
 
 def load_range(loads: list[float], steal: list[float], unit: str) -> str:
-    """"Load average (1 min) at the <unit>s' starts LO–HI, CPU steal at most X of a <unit>": the host's side of a
-    run, from ``HostLoad``'s per-run figures ("" when none were recorded)."""
+    """The host's side of a run, from ``HostLoad``'s per-run figures: the range of the 1-minute load average at
+    the ``unit``s' starts and the most CPU steal of one ``unit``; "" when no load was recorded."""
     if not loads:
         return ""
     line = f"Load average (1 min) at the {unit}s' starts {min(loads):.2f}–{max(loads):.2f}"
